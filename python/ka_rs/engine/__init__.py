@@ -1,0 +1,1 @@
+"""ka_rs.engine."""
