@@ -1,0 +1,61 @@
+"""Typed surface of the private Rust extension ``ka_rs._native``.
+
+Use the wrappers in :mod:`ka_rs.ops`, :mod:`ka_rs.matcher` and :mod:`ka_rs.labels` instead;
+they accept torch tensors as well as numpy arrays. Every function here validates shapes,
+dtypes and finiteness and raises ``ValueError("<arg>: <problem>")``; none panics. The GIL is
+released for the work, which goes parallel (process-local, fork-safe pool) only above a
+work-size threshold.
+"""
+
+from typing import TypeVar
+
+import numpy as np
+import numpy.typing as npt
+
+_F = TypeVar("_F", np.float32, np.float64)
+
+class InfeasibleAssignmentError(ValueError):
+    """No complete assignment exists (too many ``+inf`` entries); the message says "infeasible"."""
+
+def box_convert(boxes: npt.NDArray[_F], in_fmt: str, out_fmt: str) -> npt.NDArray[_F]:
+    """Convert ``boxes`` (N, 4) between ``"xyxy"``, ``"cxcywh"`` and ``"xywh"``; same dtype."""
+
+def box_iou(boxes1: npt.NDArray[_F], boxes2: npt.NDArray[_F]) -> npt.NDArray[_F]:
+    """Pairwise IoU (N, M) of xyxy boxes (N, 4) and (M, 4) of the same dtype."""
+
+def generalized_box_iou(boxes1: npt.NDArray[_F], boxes2: npt.NDArray[_F]) -> npt.NDArray[_F]:
+    """Pairwise GIoU (N, M) of xyxy boxes; zero-area boxes give IoU 0; inverted boxes raise."""
+
+def batched_nms(
+    boxes: npt.NDArray[np.float32],
+    scores: npt.NDArray[np.float32],
+    labels: npt.NDArray[np.int64],
+    iou_threshold: float,
+) -> npt.NDArray[np.int64]:
+    """Class-aware NMS over xyxy ``boxes`` (N, 4); kept indices by decreasing score."""
+
+def linear_sum_assignment(
+    cost: npt.NDArray[np.float64], maximize: bool
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Rectangular LSAP with scipy's contract: ``(rows, cols)``, rows sorted, ``+inf`` forbidden."""
+
+def match_layers(
+    pred_logits: npt.NDArray[np.float32],
+    pred_boxes: npt.NDArray[np.float32],
+    target_labels: npt.NDArray[np.int64],
+    target_boxes: npt.NDArray[np.float32],
+    target_sizes: npt.NDArray[np.int64],
+    cost_class: float,
+    cost_bbox: float,
+    cost_giou: float,
+    class_cost: str,
+    focal_alpha: float,
+    focal_gamma: float,
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Hungarian-match L prediction sets of B images in one call.
+
+    ``pred_logits`` (L, B, Q, K), ``pred_boxes`` (L, B, Q, 4) cxcywh, ``target_labels`` (ΣT,),
+    ``target_boxes`` (ΣT, 4) cxcywh, ``target_sizes`` (B,). Returns ``(pred_idx (M,),
+    target_idx (M,), counts (L, B))``: blocks l-major then b, pairs sorted by ``pred_idx``
+    within a block, ``target_idx`` local to its image.
+    """
