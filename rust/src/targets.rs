@@ -1,1 +1,782 @@
-//! TODO: being written.
+//! Task-level amalgamation (TA) pseudo-targets: candidate selection, cross-teacher
+//! deduplication, top-n and the soft-target remap into the union label space
+//! (DESIGN.md §1.3 steps 1–3 and §1.5), for a whole batch and all teachers in one call.
+//!
+//! For every image `b` and every teacher `k` (logits `(B, Q_k, K_k)`, boxes `(B, Q_k, 4)`
+//! normalised cxcywh, local→union class map of length `C_k`):
+//!
+//! 1. **Candidates.** A *softmax* teacher has `K_k = C_k + 1` logits, the last one being
+//!    "no object"; query `q` is a candidate when the arg-max over all `K_k` logits is a
+//!    foreground class and its softmax probability is `> threshold`. A *sigmoid*
+//!    (focal-style) teacher has `K_k = C_k` logits and no background; query `q` is a candidate
+//!    when its largest sigmoid probability is `> threshold`, with the arg-max as its class.
+//!    Arg-max ties go to the lower class index; probabilities are computed in `f64`.
+//! 2. **Pool and order.** Candidates of all teachers are pooled and sorted by decreasing score;
+//!    ties go to the lower teacher index, then to the lower query index. This is the output order.
+//! 3. **Dedupe (optional).** With `nms_iou = Some(t)`, class-aware NMS in *union* space: a
+//!    candidate is dropped when an earlier (more confident) kept candidate with the same union
+//!    label has IoU `> t` with it (IoU on xyxy boxes converted from the cxcywh teacher boxes).
+//!    It only merges anything when the teachers' class sets overlap or a teacher repeats itself,
+//!    but it is applied uniformly. **NMS runs before top-n**, so duplicates of one object never
+//!    use up the `top_n` budget.
+//! 4. **Top-n.** The first `top_n` survivors are kept.
+//! 5. **Remap.** Hard label = union index of the arg-max class; box = the teacher's box;
+//!    soft logits = a `|U| + 1` row filled with `fill_logit`, into which the teacher's raw
+//!    class logits are written at their union positions; a softmax teacher's background logit
+//!    goes to the union background index `|U|`. A sigmoid teacher has no background logit, so
+//!    for its pseudo-targets the background entry stays `fill_logit`.
+//!
+//! Images are processed in parallel on the process-local pool only above a work threshold.
+
+use ndarray::{Array1, Array2, ArrayView1, ArrayView2, ArrayView3, Axis};
+
+use crate::boxes;
+use crate::error::{KaError, KaResult};
+use crate::pool;
+
+/// How a teacher's classification head turns logits into probabilities.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TeacherKind {
+    /// Softmax over `C + 1` logits, the last one is "no object" (DETR).
+    Softmax,
+    /// Independent sigmoids over `C` logits, no background logit (Deformable DETR, DINO, ...).
+    Sigmoid,
+}
+
+impl TeacherKind {
+    /// Parse `"softmax"` or `"sigmoid"` (alias `"focal"`); `arg` names the argument in errors.
+    pub fn parse(kind: &str, arg: &str) -> KaResult<Self> {
+        match kind {
+            "softmax" => Ok(TeacherKind::Softmax),
+            "sigmoid" | "focal" => Ok(TeacherKind::Sigmoid),
+            other => Err(KaError::invalid(
+                arg,
+                format!("unknown teacher kind {other:?}; expected \"softmax\" or \"sigmoid\""),
+            )),
+        }
+    }
+
+    /// Number of logits per query for a teacher with `num_classes` classes.
+    pub fn num_logits(self, num_classes: usize) -> usize {
+        match self {
+            TeacherKind::Softmax => num_classes + 1,
+            TeacherKind::Sigmoid => num_classes,
+        }
+    }
+
+    /// Lower-case name as accepted by [`TeacherKind::parse`].
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TeacherKind::Softmax => "softmax",
+            TeacherKind::Sigmoid => "sigmoid",
+        }
+    }
+}
+
+/// One teacher's predictions for the batch (borrowed, any strides).
+#[derive(Clone, Copy, Debug)]
+pub struct TeacherOutputs<'a> {
+    /// `(B, Q_k, K_k)` raw class logits.
+    pub logits: ArrayView3<'a, f32>,
+    /// `(B, Q_k, 4)` normalised cxcywh boxes.
+    pub boxes: ArrayView3<'a, f32>,
+    /// `(C_k,)` union index of each local class.
+    pub local_to_union: ArrayView1<'a, i64>,
+    /// Classification head type.
+    pub kind: TeacherKind,
+}
+
+/// Scalar settings of [`build_pseudo_targets`], validated by [`PseudoTargetConfig::new`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PseudoTargetConfig {
+    /// `|U|`, the number of union classes (the background index is `|U|`).
+    pub num_union_classes: usize,
+    /// A candidate's probability must be strictly greater than this; in `[0, 1)`.
+    pub threshold: f64,
+    /// Keep at most this many pseudo-targets per image (after NMS).
+    pub top_n: usize,
+    /// Value of soft-logit entries no teacher logit is written to.
+    pub fill_logit: f32,
+    /// Class-aware NMS IoU threshold in union space, or `None` for no dedupe.
+    pub nms_iou: Option<f64>,
+}
+
+impl PseudoTargetConfig {
+    /// Validate raw user values (errors name `num_union_classes`, `threshold`, `top_n`,
+    /// `fill_logit`, `nms_iou`).
+    pub fn new(
+        num_union_classes: i64,
+        threshold: f64,
+        top_n: i64,
+        fill_logit: f64,
+        nms_iou: Option<f64>,
+    ) -> KaResult<Self> {
+        if num_union_classes < 1 {
+            return Err(KaError::invalid(
+                "num_union_classes",
+                format!("must be >= 1, got {num_union_classes}"),
+            ));
+        }
+        if !(0.0..1.0).contains(&threshold) {
+            return Err(KaError::invalid(
+                "threshold",
+                format!("must be in [0, 1), got {threshold}"),
+            ));
+        }
+        if top_n < 0 {
+            return Err(KaError::invalid(
+                "top_n",
+                format!("must be >= 0, got {top_n}"),
+            ));
+        }
+        if !fill_logit.is_finite() || !(fill_logit as f32).is_finite() {
+            return Err(KaError::invalid(
+                "fill_logit",
+                format!("must be a finite float32 value, got {fill_logit}"),
+            ));
+        }
+        if let Some(t) = nms_iou {
+            if !(0.0..=1.0).contains(&t) {
+                return Err(KaError::invalid(
+                    "nms_iou",
+                    format!("must be in [0, 1] or None, got {t}"),
+                ));
+            }
+        }
+        let num_union_classes = usize::try_from(num_union_classes)
+            .map_err(|_| KaError::invalid("num_union_classes", "too large"))?;
+        let top_n = usize::try_from(top_n).map_err(|_| KaError::invalid("top_n", "too large"))?;
+        Ok(Self {
+            num_union_classes,
+            threshold,
+            top_n,
+            fill_logit: fill_logit as f32,
+            nms_iou,
+        })
+    }
+
+    /// Width of a soft-logit row: `|U| + 1`.
+    pub fn soft_width(&self) -> usize {
+        self.num_union_classes + 1
+    }
+}
+
+/// Pseudo-targets of a batch, images concatenated in order (`counts[b]` rows for image `b`),
+/// each image's rows sorted by decreasing score.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PseudoTargets {
+    /// `(M,)` union hard labels.
+    pub labels: Vec<i64>,
+    /// `(M, 4)` teacher boxes, normalised cxcywh.
+    pub boxes: Vec<[f32; 4]>,
+    /// `(M, |U| + 1)` soft-target logits, row-major.
+    pub soft_logits: Vec<f32>,
+    /// `(M,)` teacher confidence of the hard label (softmax or sigmoid probability).
+    pub scores: Vec<f32>,
+    /// `(M,)` index of the teacher each pseudo-target comes from.
+    pub teacher: Vec<i64>,
+    /// `(B,)` pseudo-targets per image.
+    pub counts: Vec<i64>,
+}
+
+impl PseudoTargets {
+    /// Total number of pseudo-targets `M`.
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    /// True when no image has any pseudo-target.
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+}
+
+/// A candidate query of one image.
+#[derive(Clone, Copy, Debug)]
+struct Candidate {
+    score: f64,
+    teacher: usize,
+    query: usize,
+    label: usize,
+}
+
+/// Validated per-teacher metadata.
+struct Teacher<'a> {
+    logits: ArrayView3<'a, f32>,
+    boxes: ArrayView3<'a, f32>,
+    map: Vec<usize>,
+    kind: TeacherKind,
+}
+
+/// Build the pseudo-targets of a batch for all teachers in one call (see the module docs).
+///
+/// Errors (never panics) name the offending input: `teacher_logits[k]`, `teacher_boxes[k]`,
+/// `local_to_union[k]` for mismatched batch sizes, query counts, logit widths, out-of-range or
+/// repeated union indices, non-finite values or negative box sizes.
+pub fn build_pseudo_targets(
+    teachers: &[TeacherOutputs<'_>],
+    config: &PseudoTargetConfig,
+) -> KaResult<PseudoTargets> {
+    let teachers = validate(teachers, config)?;
+    let batch = teachers[0].logits.dim().0;
+    let work: usize = teachers
+        .iter()
+        .map(|t| t.logits.len())
+        .fold(0usize, usize::saturating_add);
+    // One softmax/sigmoid per logit dominates: parallel over images above the pool's threshold.
+    let per_image = pool::map_indices(
+        batch,
+        pool::worth_parallel(work),
+        || (),
+        |_, b| select_image(&teachers, b, config),
+    )
+    .into_iter()
+    .collect::<KaResult<Vec<Vec<Candidate>>>>()?;
+    Ok(assemble(&teachers, &per_image, config))
+}
+
+fn validate<'a>(
+    teachers: &[TeacherOutputs<'a>],
+    config: &PseudoTargetConfig,
+) -> KaResult<Vec<Teacher<'a>>> {
+    let Some(first) = teachers.first() else {
+        return Err(KaError::invalid(
+            "teacher_logits",
+            "at least one teacher is required",
+        ));
+    };
+    let batch = first.logits.dim().0;
+    let union = config.num_union_classes;
+    let mut out = Vec::with_capacity(teachers.len());
+    for (k, t) in teachers.iter().enumerate() {
+        let logits_arg = format!("teacher_logits[{k}]");
+        let boxes_arg = format!("teacher_boxes[{k}]");
+        let map_arg = format!("local_to_union[{k}]");
+        let (b, q, width) = t.logits.dim();
+        let (bb, qb, four) = t.boxes.dim();
+        if b != batch {
+            return Err(KaError::invalid(
+                logits_arg,
+                format!("batch size {b} differs from teacher_logits[0]'s {batch}"),
+            ));
+        }
+        if bb != b || qb != q || four != 4 {
+            return Err(KaError::invalid(
+                boxes_arg,
+                format!(
+                    "expected shape ({b}, {q}, 4) to match {logits_arg}, got ({bb}, {qb}, {four})"
+                ),
+            ));
+        }
+        let classes = t.local_to_union.len();
+        if classes == 0 {
+            return Err(KaError::invalid(
+                map_arg,
+                "a teacher needs at least one class",
+            ));
+        }
+        let expected = t.kind.num_logits(classes);
+        if width != expected {
+            let detail = match t.kind {
+                TeacherKind::Softmax => "classes + 1 background",
+                TeacherKind::Sigmoid => "one per class, no background",
+            };
+            return Err(KaError::invalid(
+                logits_arg,
+                format!(
+                    "{} teacher with {classes} classes ({map_arg} length) needs {expected} logits \
+                     per query ({detail}), got {width}",
+                    t.kind.as_str()
+                ),
+            ));
+        }
+        let mut seen = vec![false; union];
+        let mut map = Vec::with_capacity(classes);
+        for (j, &u) in t.local_to_union.iter().enumerate() {
+            let idx = usize::try_from(u)
+                .ok()
+                .filter(|&i| i < union)
+                .ok_or_else(|| {
+                    KaError::invalid(
+                        &map_arg,
+                        format!("entry {j} is {u}, outside [0, num_union_classes={union})"),
+                    )
+                })?;
+            if seen[idx] {
+                return Err(KaError::invalid(
+                    &map_arg,
+                    format!("union index {idx} appears more than once"),
+                ));
+            }
+            seen[idx] = true;
+            map.push(idx);
+        }
+        if let Some(pos) = t.logits.iter().position(|v| !v.is_finite()) {
+            return Err(KaError::invalid(
+                logits_arg,
+                format!("contains a non-finite value (flat index {pos})"),
+            ));
+        }
+        if let Some(pos) = t.boxes.iter().position(|v| !v.is_finite()) {
+            return Err(KaError::invalid(
+                boxes_arg,
+                format!("contains a non-finite value (flat index {pos})"),
+            ));
+        }
+        for (bi, image) in t.boxes.outer_iter().enumerate() {
+            for (qi, bx) in image.outer_iter().enumerate() {
+                if bx[2] < 0.0 || bx[3] < 0.0 {
+                    return Err(KaError::invalid(
+                        boxes_arg,
+                        format!("box [{bi}, {qi}] has negative width or height (boxes are cxcywh)"),
+                    ));
+                }
+            }
+        }
+        out.push(Teacher {
+            logits: t.logits,
+            boxes: t.boxes,
+            map,
+            kind: t.kind,
+        });
+    }
+    Ok(out)
+}
+
+/// Arg-max (first maximum) and maximum of a non-empty row.
+fn argmax(row: ArrayView1<'_, f32>) -> (usize, f32) {
+    let mut best = 0usize;
+    let mut max = f32::NEG_INFINITY;
+    for (j, &v) in row.iter().enumerate() {
+        if v > max {
+            max = v;
+            best = j;
+        }
+    }
+    (best, max)
+}
+
+/// Candidate class and probability of one query, or `None` when it is not a candidate.
+fn candidate(row: ArrayView1<'_, f32>, kind: TeacherKind, threshold: f64) -> Option<(usize, f64)> {
+    let (class, max) = argmax(row);
+    let prob = match kind {
+        TeacherKind::Softmax => {
+            if class + 1 == row.len() {
+                return None; // background wins
+            }
+            let m = f64::from(max);
+            let denom: f64 = row.iter().map(|&v| (f64::from(v) - m).exp()).sum();
+            1.0 / denom
+        }
+        TeacherKind::Sigmoid => 1.0 / (1.0 + (-f64::from(max)).exp()),
+    };
+    (prob > threshold).then_some((class, prob))
+}
+
+/// Candidates of image `b`, deduplicated and cut to `top_n`, in output order.
+fn select_image(
+    teachers: &[Teacher<'_>],
+    b: usize,
+    config: &PseudoTargetConfig,
+) -> KaResult<Vec<Candidate>> {
+    let mut cands = Vec::new();
+    for (k, t) in teachers.iter().enumerate() {
+        let logits: ArrayView2<'_, f32> = t.logits.index_axis(Axis(0), b);
+        for (q, row) in logits.outer_iter().enumerate() {
+            if let Some((class, score)) = candidate(row, t.kind, config.threshold) {
+                cands.push(Candidate {
+                    score,
+                    teacher: k,
+                    query: q,
+                    label: t.map[class],
+                });
+            }
+        }
+    }
+    // Descending score; ties: lower teacher, then lower query (scores are finite).
+    cands.sort_by(|a, c| {
+        c.score
+            .total_cmp(&a.score)
+            .then(a.teacher.cmp(&c.teacher))
+            .then(a.query.cmp(&c.query))
+    });
+    if let Some(iou) = config.nms_iou {
+        cands = dedupe(teachers, b, cands, iou)?;
+    }
+    cands.truncate(config.top_n);
+    Ok(cands)
+}
+
+/// Class-aware greedy NMS (`boxes::batched_nms`, union labels, f64 xyxy boxes) over candidates
+/// already in output order. Its stable sort keeps our tie order, so the result stays in order.
+fn dedupe(
+    teachers: &[Teacher<'_>],
+    b: usize,
+    cands: Vec<Candidate>,
+    iou: f64,
+) -> KaResult<Vec<Candidate>> {
+    if cands.len() < 2 {
+        return Ok(cands);
+    }
+    let n = cands.len();
+    let mut xyxy = Array2::<f64>::zeros((n, 4));
+    for (mut row, c) in xyxy.outer_iter_mut().zip(&cands) {
+        let bx = teachers[c.teacher].boxes.index_axis(Axis(0), b);
+        let bx = bx.row(c.query);
+        let (cx, cy, w, h) = (
+            f64::from(bx[0]),
+            f64::from(bx[1]),
+            f64::from(bx[2]),
+            f64::from(bx[3]),
+        );
+        row.assign(&ArrayView1::from(&[
+            cx - 0.5 * w,
+            cy - 0.5 * h,
+            cx + 0.5 * w,
+            cy + 0.5 * h,
+        ]));
+    }
+    let scores: Array1<f64> = cands.iter().map(|c| c.score).collect();
+    let labels: Array1<i64> = cands.iter().map(|c| c.label as i64).collect();
+    let keep = boxes::batched_nms(xyxy.view(), scores.view(), labels.view(), iou)?;
+    Ok(keep.into_iter().map(|i| cands[i]).collect())
+}
+
+/// Gather the selected candidates of every image into the flat output.
+fn assemble(
+    teachers: &[Teacher<'_>],
+    per_image: &[Vec<Candidate>],
+    config: &PseudoTargetConfig,
+) -> PseudoTargets {
+    let total: usize = per_image.iter().map(Vec::len).sum();
+    let width = config.soft_width();
+    let background = config.num_union_classes;
+    let mut out = PseudoTargets {
+        labels: Vec::with_capacity(total),
+        boxes: Vec::with_capacity(total),
+        soft_logits: vec![config.fill_logit; total * width],
+        scores: Vec::with_capacity(total),
+        teacher: Vec::with_capacity(total),
+        counts: Vec::with_capacity(per_image.len()),
+    };
+    let mut m = 0usize;
+    for (b, cands) in per_image.iter().enumerate() {
+        out.counts.push(cands.len() as i64);
+        for c in cands {
+            let t = &teachers[c.teacher];
+            let bx = t.boxes.index_axis(Axis(0), b);
+            let bx = bx.row(c.query);
+            let logits = t.logits.index_axis(Axis(0), b);
+            let logits = logits.row(c.query);
+            let row = &mut out.soft_logits[m * width..(m + 1) * width];
+            for (&u, &v) in t.map.iter().zip(logits.iter()) {
+                row[u] = v;
+            }
+            if t.kind == TeacherKind::Softmax {
+                row[background] = logits[t.map.len()];
+            }
+            out.labels.push(c.label as i64);
+            out.boxes.push([bx[0], bx[1], bx[2], bx[3]]);
+            out.scores.push(c.score as f32);
+            out.teacher.push(c.teacher as i64);
+            m += 1;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::{arr1, Array1, Array3};
+
+    fn cfg(union: i64, threshold: f64, top_n: i64, nms: Option<f64>) -> PseudoTargetConfig {
+        PseudoTargetConfig::new(union, threshold, top_n, -5.0, nms).unwrap()
+    }
+
+    fn teacher<'a>(
+        logits: &'a Array3<f32>,
+        boxes: &'a Array3<f32>,
+        map: &'a Array1<i64>,
+        kind: TeacherKind,
+    ) -> TeacherOutputs<'a> {
+        TeacherOutputs {
+            logits: logits.view(),
+            boxes: boxes.view(),
+            local_to_union: map.view(),
+            kind,
+        }
+    }
+
+    fn boxes_of(b: usize, q: usize) -> Array3<f32> {
+        Array3::from_shape_fn((b, q, 4), |(i, j, c)| match c {
+            0 => 0.1 + 0.05 * j as f32 + 0.01 * i as f32,
+            1 => 0.5,
+            _ => 0.04,
+        })
+    }
+
+    #[test]
+    fn softmax_candidates_remap_and_background() {
+        // One image, 3 queries, teacher with 2 classes mapped to union {2, 0}, |U| = 3.
+        let logits = Array3::from_shape_vec(
+            (1, 3, 3),
+            vec![
+                5.0, 0.0, 0.0, // class 0 wins with p ~ 0.987
+                0.0, 0.0, 5.0, // background wins: not a candidate
+                0.0, 2.0, 1.0, // class 1 wins with p ~ 0.665
+            ],
+        )
+        .unwrap();
+        let boxes = boxes_of(1, 3);
+        let map = arr1(&[2i64, 0]);
+        let t = teacher(&logits, &boxes, &map, TeacherKind::Softmax);
+        let out = build_pseudo_targets(&[t], &cfg(3, 0.1, 50, None)).unwrap();
+        assert_eq!(out.counts, vec![2]);
+        assert_eq!(out.labels, vec![2, 0]);
+        assert_eq!(out.teacher, vec![0, 0]);
+        assert_eq!(out.boxes[0], [0.1, 0.5, 0.04, 0.04]);
+        assert_eq!(out.boxes[1], [0.2, 0.5, 0.04, 0.04]);
+        let p0 = 1.0 / (1.0 + 2.0 * (-5.0f64).exp());
+        assert!((f64::from(out.scores[0]) - p0).abs() < 1e-6);
+        // Soft row: union [c0, c1, c2, bg] = [local1, fill, local0, bg].
+        assert_eq!(&out.soft_logits[0..4], &[0.0, -5.0, 5.0, 0.0]);
+        assert_eq!(&out.soft_logits[4..8], &[2.0, -5.0, 0.0, 1.0]);
+    }
+
+    #[test]
+    fn sigmoid_teacher_keeps_fill_on_background() {
+        let logits = Array3::from_shape_vec((1, 2, 2), vec![-3.0, 1.0, -4.0, -5.0]).unwrap();
+        let boxes = boxes_of(1, 2);
+        let map = arr1(&[1i64, 3]);
+        let t = teacher(&logits, &boxes, &map, TeacherKind::Sigmoid);
+        let out = build_pseudo_targets(&[t], &cfg(4, 0.3, 50, Some(0.7))).unwrap();
+        // Query 1: sigmoid(-4) ~ 0.018 < 0.3, dropped.
+        assert_eq!(out.counts, vec![1]);
+        assert_eq!(out.labels, vec![3]);
+        assert_eq!(&out.soft_logits, &[-5.0, -3.0, -5.0, 1.0, -5.0]);
+        let p = 1.0 / (1.0 + (-1.0f64).exp());
+        assert!((f64::from(out.scores[0]) - p).abs() < 1e-6);
+    }
+
+    #[test]
+    fn threshold_is_strict() {
+        // Sigmoid of 0 is exactly 0.5: not > 0.5.
+        let logits = Array3::from_shape_vec((1, 1, 1), vec![0.0]).unwrap();
+        let boxes = boxes_of(1, 1);
+        let map = arr1(&[0i64]);
+        let t = teacher(&logits, &boxes, &map, TeacherKind::Sigmoid);
+        assert_eq!(
+            build_pseudo_targets(&[t], &cfg(1, 0.5, 5, None))
+                .unwrap()
+                .len(),
+            0
+        );
+        assert_eq!(
+            build_pseudo_targets(&[t], &cfg(1, 0.49, 5, None))
+                .unwrap()
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn top_n_order_and_ties() {
+        // Two identical sigmoid teachers on disjoint classes: equal scores tie-break by
+        // teacher, then query. Scores: q0 < q1 == q2.
+        let logits = Array3::from_shape_vec((1, 3, 1), vec![1.0, 2.0, 2.0]).unwrap();
+        let boxes = boxes_of(1, 3);
+        let m0 = arr1(&[0i64]);
+        let m1 = arr1(&[1i64]);
+        let t0 = teacher(&logits, &boxes, &m0, TeacherKind::Sigmoid);
+        let t1 = teacher(&logits, &boxes, &m1, TeacherKind::Sigmoid);
+        let out = build_pseudo_targets(&[t0, t1], &cfg(2, 0.1, 5, Some(0.5))).unwrap();
+        assert_eq!(out.teacher, vec![0, 0, 1, 1, 0]);
+        assert_eq!(out.labels, vec![0, 0, 1, 1, 0]);
+        assert_eq!(out.boxes[0][0], out.boxes[2][0]);
+        assert!(out.boxes[0][0] < out.boxes[1][0]); // q1 before q2
+        let out = build_pseudo_targets(&[t0, t1], &cfg(2, 0.1, 3, None)).unwrap();
+        assert_eq!(out.counts, vec![3]);
+        assert_eq!(out.teacher, vec![0, 0, 1]);
+        let out = build_pseudo_targets(&[t0, t1], &cfg(2, 0.1, 0, None)).unwrap();
+        assert_eq!(out.counts, vec![0]);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn nms_merges_overlapping_teachers_before_top_n() {
+        // Two teachers share union class 0 and see the same object (same box); teacher 1 is
+        // more confident. Teacher 0 also sees a second, separate object of class 0.
+        let l0 = Array3::from_shape_vec((1, 2, 2), vec![3.0, 0.0, 2.0, 0.0]).unwrap();
+        let l1 = Array3::from_shape_vec((1, 1, 2), vec![6.0, 0.0]).unwrap();
+        let b0 = Array3::from_shape_vec((1, 2, 4), vec![0.3, 0.3, 0.2, 0.2, 0.7, 0.7, 0.2, 0.2])
+            .unwrap();
+        let b1 = Array3::from_shape_vec((1, 1, 4), vec![0.31, 0.3, 0.2, 0.2]).unwrap();
+        let m0 = arr1(&[0i64]);
+        let m1 = arr1(&[0i64]);
+        let t0 = teacher(&l0, &b0, &m0, TeacherKind::Softmax);
+        let t1 = teacher(&l1, &b1, &m1, TeacherKind::Softmax);
+        let out = build_pseudo_targets(&[t0, t1], &cfg(1, 0.1, 2, Some(0.7))).unwrap();
+        assert_eq!(out.counts, vec![2]);
+        assert_eq!(out.teacher, vec![1, 0]);
+        assert_eq!(out.boxes[1], [0.7, 0.7, 0.2, 0.2]);
+        // Without NMS the duplicate eats the budget.
+        let out = build_pseudo_targets(&[t0, t1], &cfg(1, 0.1, 2, None)).unwrap();
+        assert_eq!(out.teacher, vec![1, 0]);
+        assert_eq!(out.boxes[1], [0.3, 0.3, 0.2, 0.2]);
+        // Different union classes are never merged.
+        let m1b = arr1(&[1i64]);
+        let t1b = teacher(&l1, &b1, &m1b, TeacherKind::Softmax);
+        let out = build_pseudo_targets(&[t0, t1b], &cfg(2, 0.1, 5, Some(0.7))).unwrap();
+        assert_eq!(out.counts, vec![3]);
+    }
+
+    #[test]
+    fn batch_counts_and_parallel_path_match_sequential() {
+        // Deterministic pseudo-random logits, large enough to take the parallel path.
+        let (b, q, c) = (64, 100, 20);
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 24) as f32
+        };
+        let logits = Array3::from_shape_fn((b, q, c + 1), |_| 6.0 * next() - 3.0);
+        let boxes = Array3::from_shape_fn((b, q, 4), |(_, _, j)| {
+            if j < 2 {
+                0.2 + 0.6 * next()
+            } else {
+                0.05 + 0.3 * next()
+            }
+        });
+        let map = Array1::from_iter(0..c as i64);
+        let t = teacher(&logits, &boxes, &map, TeacherKind::Softmax);
+        assert!(logits.len() >= pool::PARALLEL_MIN_WORK);
+        let config = cfg(c as i64, 0.2, 7, Some(0.5));
+        let all = build_pseudo_targets(&[t], &config).unwrap();
+        assert_eq!(all.counts.len(), b);
+        assert_eq!(all.counts.iter().sum::<i64>() as usize, all.len());
+        // Image by image (small, sequential path) gives the same rows.
+        let mut start = 0usize;
+        for i in 0..b {
+            let li = logits.slice(ndarray::s![i..i + 1, .., ..]);
+            let bi = boxes.slice(ndarray::s![i..i + 1, .., ..]);
+            let ti = TeacherOutputs {
+                logits: li,
+                boxes: bi,
+                local_to_union: map.view(),
+                kind: TeacherKind::Softmax,
+            };
+            let one = build_pseudo_targets(&[ti], &config).unwrap();
+            let n = one.len();
+            assert!(n <= 7);
+            assert_eq!(&all.labels[start..start + n], &one.labels[..]);
+            assert_eq!(&all.scores[start..start + n], &one.scores[..]);
+            assert!(one.scores.windows(2).all(|w| w[0] >= w[1]));
+            start += n;
+        }
+    }
+
+    fn err_of(r: KaResult<PseudoTargets>) -> String {
+        r.unwrap_err().to_string()
+    }
+
+    #[test]
+    fn invalid_inputs_name_the_argument() {
+        let logits = Array3::<f32>::zeros((2, 3, 3));
+        let boxes = boxes_of(2, 3);
+        let map = arr1(&[0i64, 1]);
+        let good = teacher(&logits, &boxes, &map, TeacherKind::Softmax);
+        let c = cfg(2, 0.1, 5, None);
+
+        assert!(err_of(build_pseudo_targets(&[], &c)).starts_with("teacher_logits:"));
+
+        let other_b = Array3::<f32>::zeros((3, 3, 3));
+        let boxes3 = boxes_of(3, 3);
+        let t = teacher(&other_b, &boxes3, &map, TeacherKind::Softmax);
+        assert!(err_of(build_pseudo_targets(&[good, t], &c)).starts_with("teacher_logits[1]:"));
+
+        let short = boxes_of(2, 2);
+        let t = teacher(&logits, &short, &map, TeacherKind::Softmax);
+        assert!(err_of(build_pseudo_targets(&[good, t], &c)).starts_with("teacher_boxes[1]:"));
+
+        let t = teacher(&logits, &boxes, &map, TeacherKind::Sigmoid);
+        let e = err_of(build_pseudo_targets(&[t], &c));
+        assert!(
+            e.starts_with("teacher_logits[0]:") && e.contains("needs 2 logits"),
+            "{e}"
+        );
+
+        let bad_map = arr1(&[0i64, 2]);
+        let t = teacher(&logits, &boxes, &bad_map, TeacherKind::Softmax);
+        assert!(err_of(build_pseudo_targets(&[t], &c)).starts_with("local_to_union[0]:"));
+        let neg_map = arr1(&[-1i64, 0]);
+        let t = teacher(&logits, &boxes, &neg_map, TeacherKind::Softmax);
+        assert!(err_of(build_pseudo_targets(&[t], &c)).starts_with("local_to_union[0]:"));
+        let dup_map = arr1(&[1i64, 1]);
+        let t = teacher(&logits, &boxes, &dup_map, TeacherKind::Softmax);
+        assert!(err_of(build_pseudo_targets(&[t], &c)).contains("more than once"));
+        let empty_map = Array1::<i64>::zeros(0);
+        let one = Array3::<f32>::zeros((2, 3, 1));
+        let t = teacher(&one, &boxes, &empty_map, TeacherKind::Softmax);
+        assert!(err_of(build_pseudo_targets(&[t], &c)).starts_with("local_to_union[0]:"));
+
+        let mut nan = logits.clone();
+        nan[[1, 2, 0]] = f32::NAN;
+        let t = teacher(&nan, &boxes, &map, TeacherKind::Softmax);
+        let e = err_of(build_pseudo_targets(&[good, t], &c));
+        assert!(
+            e.starts_with("teacher_logits[1]:") && e.contains("non-finite"),
+            "{e}"
+        );
+        let mut inf = boxes.clone();
+        inf[[0, 0, 0]] = f32::INFINITY;
+        let t = teacher(&logits, &inf, &map, TeacherKind::Softmax);
+        assert!(err_of(build_pseudo_targets(&[t], &c)).starts_with("teacher_boxes[0]:"));
+        let mut neg = boxes.clone();
+        neg[[1, 2, 3]] = -0.1;
+        let t = teacher(&logits, &neg, &map, TeacherKind::Softmax);
+        let e = err_of(build_pseudo_targets(&[t], &c));
+        assert!(
+            e.starts_with("teacher_boxes[0]:") && e.contains("[1, 2]"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn invalid_config_names_the_argument() {
+        let e = |r: KaResult<PseudoTargetConfig>| r.unwrap_err().to_string();
+        assert!(e(PseudoTargetConfig::new(0, 0.1, 5, -5.0, None)).starts_with("num_union_classes:"));
+        assert!(e(PseudoTargetConfig::new(2, 1.0, 5, -5.0, None)).starts_with("threshold:"));
+        assert!(e(PseudoTargetConfig::new(2, -0.1, 5, -5.0, None)).starts_with("threshold:"));
+        assert!(e(PseudoTargetConfig::new(2, f64::NAN, 5, -5.0, None)).starts_with("threshold:"));
+        assert!(e(PseudoTargetConfig::new(2, 0.1, -1, -5.0, None)).starts_with("top_n:"));
+        assert!(e(PseudoTargetConfig::new(2, 0.1, 5, f64::NAN, None)).starts_with("fill_logit:"));
+        assert!(e(PseudoTargetConfig::new(2, 0.1, 5, 1e300, None)).starts_with("fill_logit:"));
+        assert!(e(PseudoTargetConfig::new(2, 0.1, 5, -5.0, Some(1.5))).starts_with("nms_iou:"));
+        assert!(e(PseudoTargetConfig::new(2, 0.1, 5, -5.0, Some(f64::NAN))).starts_with("nms_iou:"));
+        assert!(PseudoTargetConfig::new(2, 0.0, 0, -5.0, Some(1.0)).is_ok());
+        assert!(TeacherKind::parse("softmax", "k").is_ok());
+        assert_eq!(TeacherKind::parse("focal", "k"), Ok(TeacherKind::Sigmoid));
+        assert!(TeacherKind::parse("relu", "teacher_kinds[2]")
+            .unwrap_err()
+            .to_string()
+            .starts_with("teacher_kinds[2]:"));
+    }
+
+    #[test]
+    fn empty_batch_and_no_queries() {
+        let logits = Array3::<f32>::zeros((0, 3, 2));
+        let boxes = boxes_of(0, 3);
+        let map = arr1(&[0i64]);
+        let t = teacher(&logits, &boxes, &map, TeacherKind::Softmax);
+        let out = build_pseudo_targets(&[t], &cfg(1, 0.1, 5, Some(0.7))).unwrap();
+        assert!(out.counts.is_empty() && out.is_empty());
+        let logits = Array3::<f32>::zeros((2, 0, 2));
+        let boxes = boxes_of(2, 0);
+        let t = teacher(&logits, &boxes, &map, TeacherKind::Softmax);
+        let out = build_pseudo_targets(&[t], &cfg(1, 0.1, 5, Some(0.7))).unwrap();
+        assert_eq!(out.counts, vec![0, 0]);
+    }
+}
