@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from ka_rs.losses.sa import (
     AggregationHintLoss,
     SequenceAmalgamationLoss,
@@ -160,7 +159,7 @@ def test_aggregation_projection_trained_by_optimizer():
     out["loss"].backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
     opt.step()
-    assert all(not torch.equal(b, p) for b, p in zip(before, params))
+    assert all(not torch.equal(b, p) for b, p in zip(before, params, strict=True))
 
 
 def test_aggregation_initial_hint_is_teacher_mean_and_zero_loss_on_it():
