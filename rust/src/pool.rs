@@ -1,1 +1,181 @@
-//! TODO: being written.
+//! Process-local rayon thread pool that survives `fork`.
+//!
+//! rayon's global pool deadlocks in a child created by `fork` (its worker threads do not exist
+//! there, but the registry still thinks they do). ka_rs therefore never touches the global pool:
+//! it keeps one pool per process id, built lazily. When the pid changes (we are in a forked
+//! child) a fresh pool is built and the parent's copy is leaked untouched — dropping it would
+//! try to wake threads that do not exist and could block on a mutex copied in a locked state.
+//!
+//! The pool is published through an atomic pointer, so no lock is ever taken: a child forked
+//! while another parent thread was inside this module cannot deadlock here.
+//!
+//! Thread count: `KA_RS_NUM_THREADS` if set to a positive integer, else
+//! `std::thread::available_parallelism()`. With one thread everything runs sequentially on the
+//! caller's thread.
+
+use rayon::prelude::*;
+use rayon::{ThreadPool, ThreadPoolBuilder};
+use std::sync::atomic::{AtomicPtr, Ordering};
+use std::sync::OnceLock;
+
+/// Work (in rough "inner-loop iterations") below which parallelism does not pay off.
+///
+/// Measured on the 2-core dev box: dispatching a batch of jobs to the pool costs ~5–20 µs,
+/// which is what ~100k cheap inner-loop iterations take.
+pub const PARALLEL_MIN_WORK: usize = 100_000;
+
+struct PidPool {
+    pid: u32,
+    pool: ThreadPool,
+}
+
+static POOL: AtomicPtr<PidPool> = AtomicPtr::new(std::ptr::null_mut());
+
+/// Number of threads ka_rs uses for parallel work (≥ 1).
+pub fn num_threads() -> usize {
+    static N: OnceLock<usize> = OnceLock::new();
+    *N.get_or_init(|| {
+        std::env::var("KA_RS_NUM_THREADS")
+            .ok()
+            .and_then(|s| s.trim().parse::<usize>().ok())
+            .filter(|&n| n > 0)
+            .unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
+            })
+    })
+}
+
+/// True when `work` is large enough to be worth spreading over threads.
+pub fn worth_parallel(work: usize) -> bool {
+    work >= PARALLEL_MIN_WORK && num_threads() > 1
+}
+
+/// The pool of the current process, built on first use (or first use after a `fork`).
+/// `None` when only one thread is configured or the threads cannot be spawned.
+fn pool() -> Option<&'static ThreadPool> {
+    if num_threads() <= 1 {
+        return None;
+    }
+    let pid = std::process::id();
+    let cur = POOL.load(Ordering::Acquire);
+    // SAFETY: every non-null pointer stored in POOL comes from `Box::into_raw` below and is
+    // never freed (pools are leaked for the life of the process), so it is valid for 'static.
+    if let Some(p) = unsafe { cur.as_ref() } {
+        if p.pid == pid {
+            return Some(&p.pool);
+        }
+    }
+    let pool = ThreadPoolBuilder::new()
+        .num_threads(num_threads())
+        .thread_name(|i| format!("ka_rs-{i}"))
+        .build()
+        .ok()?;
+    let fresh = Box::into_raw(Box::new(PidPool { pid, pool }));
+    match POOL.compare_exchange(cur, fresh, Ordering::AcqRel, Ordering::Acquire) {
+        // The previous pointer (a parent's pool, if any) is deliberately leaked: see module docs.
+        // SAFETY: `fresh` was just created by Box::into_raw and is now owned by POOL forever.
+        Ok(_) => Some(unsafe { &(*fresh).pool }),
+        Err(winner) => {
+            // Another thread of this process installed a pool first; use it and drop ours
+            // (a pool built in this very process can be dropped safely).
+            // SAFETY: `fresh` came from Box::into_raw above and was never published.
+            drop(unsafe { Box::from_raw(fresh) });
+            // SAFETY: as above, published pointers are never freed.
+            match unsafe { winner.as_ref() } {
+                Some(p) if p.pid == pid => Some(&p.pool),
+                _ => None,
+            }
+        }
+    }
+}
+
+/// Run `op` inside the process-local pool (so rayon calls in it use that pool).
+/// Falls back to running `op` on the caller's thread when no pool is available.
+/// Do not use rayon parallel iterators inside `op` directly: use [`map_indices`] /
+/// [`for_each_chunk_mut`], which never fall back to rayon's global pool.
+pub fn install<R: Send>(op: impl FnOnce() -> R + Send) -> R {
+    match pool() {
+        Some(p) => p.install(op),
+        None => op(),
+    }
+}
+
+/// `(0..n).map(f)` collected in order, in parallel with a per-thread workspace from `init`
+/// when `parallel` is true and a pool is available, else sequentially with one workspace.
+pub fn map_indices<W, T, I, F>(n: usize, parallel: bool, init: I, f: F) -> Vec<T>
+where
+    T: Send,
+    I: Fn() -> W + Sync + Send,
+    F: Fn(&mut W, usize) -> T + Sync + Send,
+{
+    if parallel && n > 1 {
+        if let Some(p) = pool() {
+            return p.install(|| (0..n).into_par_iter().map_init(&init, &f).collect());
+        }
+    }
+    let mut w = init();
+    (0..n).map(|i| f(&mut w, i)).collect()
+}
+
+/// Call `f(chunk_index, chunk)` for each `chunk_len`-sized chunk of `data`, in parallel when
+/// `parallel` is true and a pool is available. `chunk_len == 0` does nothing.
+pub fn for_each_chunk_mut<T, F>(data: &mut [T], chunk_len: usize, parallel: bool, f: F)
+where
+    T: Send,
+    F: Fn(usize, &mut [T]) + Sync + Send,
+{
+    if chunk_len == 0 || data.is_empty() {
+        return;
+    }
+    if parallel && data.len() > chunk_len {
+        if let Some(p) = pool() {
+            p.install(|| {
+                data.par_chunks_mut(chunk_len)
+                    .enumerate()
+                    .for_each(|(i, c)| f(i, c))
+            });
+            return;
+        }
+    }
+    data.chunks_mut(chunk_len)
+        .enumerate()
+        .for_each(|(i, c)| f(i, c));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn map_indices_keeps_order_both_ways() {
+        let seq = map_indices(1000, false, || 0usize, |_, i| i * 2);
+        let par = map_indices(1000, true, || 0usize, |_, i| i * 2);
+        assert_eq!(seq, par);
+        assert_eq!(par[999], 1998);
+    }
+
+    #[test]
+    fn chunks_cover_everything() {
+        let mut v = vec![0usize; 1003];
+        for_each_chunk_mut(&mut v, 10, true, |ci, c| {
+            for (k, x) in c.iter_mut().enumerate() {
+                *x = ci * 10 + k;
+            }
+        });
+        assert!(v.iter().enumerate().all(|(i, &x)| i == x));
+        for_each_chunk_mut(&mut v, 0, true, |_, _| panic!("never called"));
+    }
+
+    #[test]
+    fn pool_is_reused_within_a_process() {
+        if num_threads() > 1 {
+            let a = pool().map(|p| p as *const ThreadPool);
+            let b = pool().map(|p| p as *const ThreadPool);
+            assert_eq!(a, b);
+            assert_eq!(install(rayon::current_num_threads), num_threads());
+        }
+        assert_eq!(install(|| 7), 7);
+    }
+}

@@ -1,7 +1,385 @@
-//! PyO3 bindings: validation, zero-copy numpy, GIL released. Being written.
+//! PyO3 bindings (`ka_rs._native`): validation, zero-copy numpy views, GIL released for the
+//! work. The Python wrappers in `ka_rs.ops` / `ka_rs.matcher` / `ka_rs.labels` call these.
+//!
+//! Errors: [`KaError::InvalidArgument`] → `ValueError("<arg>: <problem>")`,
+//! [`KaError::Infeasible`] → `InfeasibleAssignmentError` (a `ValueError` subclass).
+//! Nothing here panics on user input.
+
+use crate::boxes::{self, BoxFormat};
+use crate::error::KaError;
+use numpy::{
+    IntoPyArray, PyArray1, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArray,
+    PyUntypedArrayMethods,
+};
+use pyo3::create_exception;
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
+create_exception!(
+    ka_rs,
+    InfeasibleAssignmentError,
+    PyValueError,
+    "The cost matrix is infeasible: no complete assignment avoids the forbidden (+inf) pairs."
+);
+
+fn to_py(e: KaError) -> PyErr {
+    match e {
+        KaError::Infeasible(_) => InfeasibleAssignmentError::new_err(e.to_string()),
+        KaError::InvalidArgument { .. } => PyValueError::new_err(e.to_string()),
+    }
+}
+
+fn invalid(arg: &str, msg: impl Into<String>) -> PyErr {
+    to_py(KaError::invalid(arg, msg))
+}
+
+/// dtype name and shape of a numpy array, or an error naming `arg` for a non-array.
+fn describe(obj: &Bound<'_, PyAny>, arg: &str) -> PyResult<(String, Vec<usize>)> {
+    let a = obj.cast::<PyUntypedArray>().map_err(|_| {
+        let ty = obj
+            .get_type()
+            .name()
+            .map(|n| n.to_string())
+            .unwrap_or_else(|_| "?".into());
+        invalid(arg, format!("expected a numpy array, got {ty}"))
+    })?;
+    let dtype = a
+        .dtype()
+        .str()
+        .map(|s| s.to_string())
+        .unwrap_or_else(|_| "?".into());
+    Ok((dtype, a.shape().to_vec()))
+}
+
+fn shape_str(s: &[usize]) -> String {
+    let inner: Vec<String> = s.iter().map(|d| d.to_string()).collect();
+    if inner.len() == 1 {
+        format!("({},)", inner[0])
+    } else {
+        format!("({})", inner.join(", "))
+    }
+}
+
+/// Extract a numpy array of element type T and dimension D, with errors naming `arg`.
+fn typed<'py, T, D>(
+    obj: &Bound<'py, PyAny>,
+    arg: &str,
+    want: &str,
+) -> PyResult<numpy::PyReadonlyArray<'py, T, D>>
+where
+    T: numpy::Element,
+    D: numpy::ndarray::Dimension,
+{
+    let (dtype, shape) = describe(obj, arg)?;
+    obj.extract::<numpy::PyReadonlyArray<'py, T, D>>()
+        .map_err(|_| {
+            invalid(
+                arg,
+                format!(
+                    "expected {want}, got dtype {dtype} with shape {}",
+                    shape_str(&shape)
+                ),
+            )
+        })
+}
+
+/// A 2-D float32 or float64 array.
+enum F2<'py> {
+    F32(PyReadonlyArray2<'py, f32>),
+    F64(PyReadonlyArray2<'py, f64>),
+}
+
+fn float2<'py>(obj: &Bound<'py, PyAny>, arg: &str) -> PyResult<F2<'py>> {
+    if let Ok(a) = obj.extract::<PyReadonlyArray2<'py, f32>>() {
+        return Ok(F2::F32(a));
+    }
+    if let Ok(a) = obj.extract::<PyReadonlyArray2<'py, f64>>() {
+        return Ok(F2::F64(a));
+    }
+    let (dtype, shape) = describe(obj, arg)?;
+    Err(invalid(
+        arg,
+        format!(
+            "expected a 2-D float32 or float64 array, got dtype {dtype} with shape {}",
+            shape_str(&shape)
+        ),
+    ))
+}
+
+/// Convert (N, 4) boxes between "xyxy", "cxcywh" and "xywh"; same dtype out.
+#[pyfunction]
+#[pyo3(signature = (boxes, in_fmt, out_fmt))]
+fn box_convert<'py>(
+    py: Python<'py>,
+    boxes: &Bound<'py, PyAny>,
+    in_fmt: &str,
+    out_fmt: &str,
+) -> PyResult<Bound<'py, PyAny>> {
+    let from = BoxFormat::parse(in_fmt, "in_fmt").map_err(to_py)?;
+    let to = BoxFormat::parse(out_fmt, "out_fmt").map_err(to_py)?;
+    match float2(boxes, "boxes")? {
+        F2::F32(a) => {
+            let v = a.as_array();
+            let out = py.detach(|| boxes::convert(v, from, to)).map_err(to_py)?;
+            Ok(out.into_pyarray(py).into_any())
+        }
+        F2::F64(a) => {
+            let v = a.as_array();
+            let out = py.detach(|| boxes::convert(v, from, to)).map_err(to_py)?;
+            Ok(out.into_pyarray(py).into_any())
+        }
+    }
+}
+
+fn pairwise_py<'py>(
+    py: Python<'py>,
+    boxes1: &Bound<'py, PyAny>,
+    boxes2: &Bound<'py, PyAny>,
+    generalized: bool,
+) -> PyResult<Bound<'py, PyAny>> {
+    let a = float2(boxes1, "boxes1")?;
+    let b = float2(boxes2, "boxes2")?;
+    match (a, b) {
+        (F2::F32(a), F2::F32(b)) => {
+            let (va, vb) = (a.as_array(), b.as_array());
+            let out = py
+                .detach(|| {
+                    if generalized {
+                        boxes::generalized_box_iou(va, vb)
+                    } else {
+                        boxes::box_iou(va, vb)
+                    }
+                })
+                .map_err(to_py)?;
+            Ok(out.into_pyarray(py).into_any())
+        }
+        (F2::F64(a), F2::F64(b)) => {
+            let (va, vb) = (a.as_array(), b.as_array());
+            let out = py
+                .detach(|| {
+                    if generalized {
+                        boxes::generalized_box_iou(va, vb)
+                    } else {
+                        boxes::box_iou(va, vb)
+                    }
+                })
+                .map_err(to_py)?;
+            Ok(out.into_pyarray(py).into_any())
+        }
+        (F2::F32(_), F2::F64(_)) => Err(invalid(
+            "boxes2",
+            "dtype float64 does not match boxes1's float32",
+        )),
+        (F2::F64(_), F2::F32(_)) => Err(invalid(
+            "boxes2",
+            "dtype float32 does not match boxes1's float64",
+        )),
+    }
+}
+
+/// Pairwise IoU (N, M) of xyxy boxes (N, 4) and (M, 4); same dtype in and out.
+#[pyfunction]
+#[pyo3(signature = (boxes1, boxes2))]
+fn box_iou<'py>(
+    py: Python<'py>,
+    boxes1: &Bound<'py, PyAny>,
+    boxes2: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyAny>> {
+    pairwise_py(py, boxes1, boxes2, false)
+}
+
+/// Pairwise generalised IoU (N, M) of xyxy boxes; same dtype in and out.
+#[pyfunction]
+#[pyo3(signature = (boxes1, boxes2))]
+fn generalized_box_iou<'py>(
+    py: Python<'py>,
+    boxes1: &Bound<'py, PyAny>,
+    boxes2: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyAny>> {
+    pairwise_py(py, boxes1, boxes2, true)
+}
+
+fn usize_to_i64(v: Vec<usize>) -> Vec<i64> {
+    v.into_iter().map(|x| x as i64).collect()
+}
+
+/// Class-aware NMS on xyxy boxes: kept indices (int64), sorted by decreasing score.
+#[pyfunction]
+#[pyo3(signature = (boxes, scores, labels, iou_threshold))]
+fn batched_nms<'py>(
+    py: Python<'py>,
+    boxes: &Bound<'py, PyAny>,
+    scores: &Bound<'py, PyAny>,
+    labels: &Bound<'py, PyAny>,
+    iou_threshold: f64,
+) -> PyResult<Bound<'py, PyArray1<i64>>> {
+    let labels: PyReadonlyArray1<'py, i64> = typed(labels, "labels", "a 1-D int64 array")?;
+    let lv = labels.as_array();
+    let keep = match float2(boxes, "boxes")? {
+        F2::F32(b) => {
+            let s: PyReadonlyArray1<'py, f32> = typed(
+                scores,
+                "scores",
+                "a 1-D float32 array (same dtype as boxes)",
+            )?;
+            let (bv, sv) = (b.as_array(), s.as_array());
+            py.detach(|| boxes::batched_nms(bv, sv, lv, iou_threshold))
+        }
+        F2::F64(b) => {
+            let s: PyReadonlyArray1<'py, f64> = typed(
+                scores,
+                "scores",
+                "a 1-D float64 array (same dtype as boxes)",
+            )?;
+            let (bv, sv) = (b.as_array(), s.as_array());
+            py.detach(|| boxes::batched_nms(bv, sv, lv, iou_threshold))
+        }
+    }
+    .map_err(to_py)?;
+    Ok(PyArray1::from_vec(py, usize_to_i64(keep)))
+}
+
 #[pymodule(name = "_native", module = "ka_rs")]
-fn native(_m: &Bound<'_, PyModule>) -> PyResult<()> {
+fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add(
+        "InfeasibleAssignmentError",
+        m.py().get_type::<InfeasibleAssignmentError>(),
+    )?;
+    m.add_function(wrap_pyfunction!(box_convert, m)?)?;
+    m.add_function(wrap_pyfunction!(box_iou, m)?)?;
+    m.add_function(wrap_pyfunction!(generalized_box_iou, m)?)?;
+    m.add_function(wrap_pyfunction!(batched_nms, m)?)?;
+    register_targets(m)?; // KA pseudo-targets (targets.rs)
+    Ok(())
+}
+
+// ---- KA pseudo-targets (targets.rs) ----
+// Owned by the "targets" engineer: the `build_pseudo_targets` binding, registered by
+// `register_targets` (one line in the module init above).
+
+/// Items of a Python list/sequence argument, with errors naming `arg`.
+fn targets_items<'py>(obj: &Bound<'py, PyAny>, arg: &str) -> PyResult<Vec<Bound<'py, PyAny>>> {
+    if obj.is_instance_of::<pyo3::types::PyString>() {
+        return Err(invalid(arg, "expected a list, got a str"));
+    }
+    obj.try_iter()
+        .map_err(|_| invalid(arg, "expected a list"))?
+        .collect::<PyResult<Vec<_>>>()
+}
+
+/// `(labels, boxes, soft_logits, scores, teacher, counts)` as returned to Python.
+type PseudoTargetArrays<'py> = (
+    Bound<'py, PyArray1<i64>>,
+    Bound<'py, numpy::PyArray2<f32>>,
+    Bound<'py, numpy::PyArray2<f32>>,
+    Bound<'py, PyArray1<f32>>,
+    Bound<'py, PyArray1<i64>>,
+    Bound<'py, PyArray1<i64>>,
+);
+
+/// Build KA pseudo-targets for a batch and all teachers in one call (see `targets.rs`).
+///
+/// `teacher_logits[k]` f32 (B, Q_k, K_k), `teacher_boxes[k]` f32 (B, Q_k, 4) cxcywh,
+/// `local_to_union[k]` i64 (C_k,), `teacher_kinds[k]` "softmax" (K_k = C_k + 1) or "sigmoid"
+/// (K_k = C_k). Returns `(labels i64 (M,), boxes f32 (M, 4), soft_logits f32 (M, U + 1),
+/// scores f32 (M,), teacher i64 (M,), counts i64 (B,))`, images in order, each image's rows by
+/// decreasing score.
+#[pyfunction]
+#[pyo3(signature = (
+    teacher_logits, teacher_boxes, local_to_union, num_union_classes, teacher_kinds,
+    threshold, top_n, fill_logit, nms_iou = None
+))]
+#[allow(clippy::too_many_arguments)]
+fn build_pseudo_targets<'py>(
+    py: Python<'py>,
+    teacher_logits: &Bound<'py, PyAny>,
+    teacher_boxes: &Bound<'py, PyAny>,
+    local_to_union: &Bound<'py, PyAny>,
+    num_union_classes: i64,
+    teacher_kinds: &Bound<'py, PyAny>,
+    threshold: f64,
+    top_n: i64,
+    fill_logit: f64,
+    nms_iou: Option<f64>,
+) -> PyResult<PseudoTargetArrays<'py>> {
+    use crate::targets::{self, PseudoTargetConfig, TeacherKind, TeacherOutputs};
+    use numpy::PyReadonlyArray3;
+
+    let config = PseudoTargetConfig::new(num_union_classes, threshold, top_n, fill_logit, nms_iou)
+        .map_err(to_py)?;
+    let logits = targets_items(teacher_logits, "teacher_logits")?;
+    let n = logits.len();
+    let boxes = targets_items(teacher_boxes, "teacher_boxes")?;
+    let maps = targets_items(local_to_union, "local_to_union")?;
+    let kinds = targets_items(teacher_kinds, "teacher_kinds")?;
+    for (arg, len) in [
+        ("teacher_boxes", boxes.len()),
+        ("local_to_union", maps.len()),
+        ("teacher_kinds", kinds.len()),
+    ] {
+        if len != n {
+            return Err(invalid(
+                arg,
+                format!("has {len} entries but teacher_logits has {n} (one per teacher)"),
+            ));
+        }
+    }
+    let mut logit_arrays: Vec<PyReadonlyArray3<'py, f32>> = Vec::with_capacity(n);
+    let mut box_arrays: Vec<PyReadonlyArray3<'py, f32>> = Vec::with_capacity(n);
+    let mut map_arrays: Vec<PyReadonlyArray1<'py, i64>> = Vec::with_capacity(n);
+    let mut kind_values = Vec::with_capacity(n);
+    for k in 0..n {
+        logit_arrays.push(typed(
+            &logits[k],
+            &format!("teacher_logits[{k}]"),
+            "a float32 array of shape (B, Q, K)",
+        )?);
+        box_arrays.push(typed(
+            &boxes[k],
+            &format!("teacher_boxes[{k}]"),
+            "a float32 array of shape (B, Q, 4)",
+        )?);
+        map_arrays.push(typed(
+            &maps[k],
+            &format!("local_to_union[{k}]"),
+            "an int64 array of shape (C,)",
+        )?);
+        let arg = format!("teacher_kinds[{k}]");
+        let kind: String = kinds[k]
+            .extract()
+            .map_err(|_| invalid(&arg, "expected \"softmax\" or \"sigmoid\""))?;
+        kind_values.push(TeacherKind::parse(&kind, &arg).map_err(to_py)?);
+    }
+    let views: Vec<TeacherOutputs<'_>> = (0..n)
+        .map(|k| TeacherOutputs {
+            logits: logit_arrays[k].as_array(),
+            boxes: box_arrays[k].as_array(),
+            local_to_union: map_arrays[k].as_array(),
+            kind: kind_values[k],
+        })
+        .collect();
+    let out = py
+        .detach(|| targets::build_pseudo_targets(&views, &config))
+        .map_err(to_py)?;
+    let m = out.len();
+    let width = config.soft_width();
+    let boxes_flat: Vec<f32> = out.boxes.into_iter().flatten().collect();
+    let boxes_arr = numpy::ndarray::Array2::from_shape_vec((m, 4), boxes_flat)
+        .map_err(|e| invalid("teacher_boxes", format!("internal shape error: {e}")))?;
+    let soft = numpy::ndarray::Array2::from_shape_vec((m, width), out.soft_logits)
+        .map_err(|e| invalid("teacher_logits", format!("internal shape error: {e}")))?;
+    Ok((
+        PyArray1::from_vec(py, out.labels),
+        boxes_arr.into_pyarray(py),
+        soft.into_pyarray(py),
+        PyArray1::from_vec(py, out.scores),
+        PyArray1::from_vec(py, out.teacher),
+        PyArray1::from_vec(py, out.counts),
+    ))
+}
+
+/// Register the pseudo-target bindings on the `_native` module.
+fn register_targets(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(build_pseudo_targets, m)?)?;
     Ok(())
 }
