@@ -59,3 +59,30 @@ def match_layers(
     target_idx (M,), counts (L, B))``: blocks l-major then b, pairs sorted by ``pred_idx``
     within a block, ``target_idx`` local to its image.
     """
+
+def build_pseudo_targets(
+    teacher_logits: list[npt.NDArray[np.float32]],
+    teacher_boxes: list[npt.NDArray[np.float32]],
+    local_to_union: list[npt.NDArray[np.int64]],
+    num_union_classes: int,
+    teacher_kinds: list[str],
+    threshold: float,
+    top_n: int,
+    fill_logit: float,
+    nms_iou: float | None = None,
+) -> tuple[
+    npt.NDArray[np.int64],
+    npt.NDArray[np.float32],
+    npt.NDArray[np.float32],
+    npt.NDArray[np.float32],
+    npt.NDArray[np.int64],
+    npt.NDArray[np.int64],
+]:
+    """KA pseudo-targets for a batch and all teachers in one call (see ``ka_rs.labels``).
+
+    Per teacher k: ``teacher_logits[k]`` (B, Q_k, K_k), ``teacher_boxes[k]`` (B, Q_k, 4)
+    normalised cxcywh, ``local_to_union[k]`` (C_k,), ``teacher_kinds[k]`` ``"softmax"``
+    (K_k = C_k + 1, last = background) or ``"sigmoid"`` (K_k = C_k). Returns ``(labels (M,),
+    boxes (M, 4) cxcywh, soft_logits (M, U + 1), scores (M,), teacher (M,), counts (B,))``,
+    images in order, rows of an image by decreasing score (NMS before top-n).
+    """
