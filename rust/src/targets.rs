@@ -311,18 +311,8 @@ fn validate<'a>(
             seen[idx] = true;
             map.push(idx);
         }
-        if let Some(pos) = t.logits.iter().position(|v| !v.is_finite()) {
-            return Err(KaError::invalid(
-                logits_arg,
-                format!("contains a non-finite value (flat index {pos})"),
-            ));
-        }
-        if let Some(pos) = t.boxes.iter().position(|v| !v.is_finite()) {
-            return Err(KaError::invalid(
-                boxes_arg,
-                format!("contains a non-finite value (flat index {pos})"),
-            ));
-        }
+        check_finite(&t.logits, &logits_arg)?;
+        check_finite(&t.boxes, &boxes_arg)?;
         for (bi, image) in t.boxes.outer_iter().enumerate() {
             for (qi, bx) in image.outer_iter().enumerate() {
                 if bx[2] < 0.0 || bx[3] < 0.0 {
@@ -341,6 +331,21 @@ fn validate<'a>(
         });
     }
     Ok(out)
+}
+
+/// Error naming `arg` and the first non-finite entry's index, if any.
+fn check_finite(a: &ArrayView3<'_, f32>, arg: &str) -> KaResult<()> {
+    // Fast scan first; locate the offending entry only on failure.
+    if a.iter().all(|v| v.is_finite()) {
+        return Ok(());
+    }
+    match a.indexed_iter().find(|(_, v)| !v.is_finite()) {
+        Some(((b, q, j), v)) => Err(KaError::invalid(
+            arg,
+            format!("contains a non-finite value ({v} at [{b}, {q}, {j}])"),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// Arg-max (first maximum) and maximum of a non-empty row.
