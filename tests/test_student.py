@@ -1,0 +1,208 @@
+"""AmalgamationStudent / build_student (DESIGN §1.1 Student) and a student+SA+TA overfit step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from ka_rs.losses.sa import AggregationHintLoss, SequenceAmalgamationLoss
+from ka_rs.losses.ta import TaskAmalgamationLoss
+from ka_rs.models.detr import DETR, DetrConfig
+from ka_rs.models.student import AmalgamationStudent, build_student, slot_attention_mask
+
+D = 16
+
+
+def _cfg(num_classes: int = 2, **kw) -> DetrConfig:
+    fields = dict(
+        num_classes=num_classes,
+        backbone="small_cnn",
+        cnn_channels=(8, 16),  # stride 4
+        hidden_dim=D,
+        nheads=2,
+        enc_layers=2,
+        dec_layers=2,
+        dim_feedforward=32,
+        dropout=0.0,
+        num_queries=6,
+    )
+    fields.update(kw)
+    return DetrConfig(**fields)
+
+
+def _images(b: int = 2, h: int = 16, w: int = 20, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(b, 3, h, w, generator=g)
+    mask = torch.zeros(b, h, w, dtype=torch.bool)
+    mask[1, :, -8:] = True  # image 1 padded on the right: 2 padded feature columns
+    return images, mask
+
+
+@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("variant", ["detr", "anchor"])
+def test_slots_shapes_and_masks(n, variant):
+    teachers = [_cfg(2, variant=variant, num_queries=4 + k) for k in range(n)]
+    student = build_student(teachers, num_classes=2 * n).eval()
+    assert isinstance(student, AmalgamationStudent) and isinstance(student, DETR)
+    assert student.num_slots == n
+    assert student.config.num_classes == 2 * n
+    assert student.config.num_queries == 4 + n - 1  # the largest teacher query count
+    assert student.input_proj.out_channels == n * D
+    images, mask = _images()
+    out = student(images, mask)
+    s = (16 // 4) * (20 // 4)  # tokens per slot
+    assert len(out.sequences) == 1 + 2  # projected input + 2 encoder layers
+    assert all(seq.shape == (2, n * s, D) for seq in out.sequences)
+    k_logits = 2 * n + 1 if variant == "detr" else 2 * n
+    assert out.pred_logits.shape == (2, student.num_queries, k_logits)
+    assert len(out.aux_outputs) == 1
+    # padding mask repeated per slot
+    assert out.padding_mask.shape == (2, n * s)
+    one = mask[:, ::4, ::4].flatten(1)
+    assert torch.equal(out.padding_mask, one.repeat(1, n))
+    assert out.padding_mask[1].sum() == n * 2 * 4  # 2 padded columns × 4 rows per slot
+    # slot k of the projected input = channel chunk k of the 1×1 projection
+    with torch.no_grad():
+        proj = student.input_proj(student.backbone(images, mask)[0])
+    for k in range(n):
+        chunk = proj[:, k * D : (k + 1) * D].flatten(2).transpose(1, 2)
+        assert torch.allclose(student.slot(out.sequences[0], k), chunk, atol=1e-6)
+    # block-diagonal encoder mask
+    attn = student._attn_mask(s, torch.device("cpu"))
+    assert attn.shape == (n * s, n * s)
+    expected = torch.ones(n * s, n * s, dtype=torch.bool)
+    for k in range(n):
+        expected[k * s : (k + 1) * s, k * s : (k + 1) * s] = False
+    assert torch.equal(attn, expected)
+    assert torch.equal(slot_attention_mask(n, s), expected)
+    cross = build_student(teachers, 2 * n, cross_slot_attention=True)
+    assert cross._attn_mask(s, torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("cross", [False, True])
+@pytest.mark.parametrize("n", [2, 3])
+def test_no_attention_leak_across_slots(n, cross):
+    torch.manual_seed(0)
+    student = build_student([_cfg() for _ in range(n)], 2 * n, cross_slot_attention=cross).eval()
+    images, mask = _images()
+    with torch.no_grad():
+        feats, fmask = student.backbone(images, mask)
+        pos = student.position(fmask)
+        enc = student.encoder_input(feats, fmask, pos)
+        s = enc.tokens.shape[1] // n
+        tokens2 = enc.tokens.clone()
+        tokens2[:, s : 2 * s] += torch.randn_like(tokens2[:, s : 2 * s])  # perturb slot 1
+        padding = enc.padding_mask
+        outs1, _ = student.transformer.encoder(enc.tokens, enc.pos, padding, enc.attn_mask)
+        outs2, _ = student.transformer.encoder(tokens2, enc.pos, padding, enc.attn_mask)
+    valid = ~padding[:, :s]
+    for o1, o2 in zip(outs1, outs2, strict=True):
+        slot0_1, slot0_2 = o1[:, :s][valid], o2[:, :s][valid]
+        if cross:
+            assert not torch.allclose(slot0_1, slot0_2, atol=1e-4)
+        else:
+            assert torch.allclose(slot0_1, slot0_2, atol=1e-5)
+        if n == 3:  # slot 2 likewise
+            same = torch.allclose(o1[:, 2 * s :][valid], o2[:, 2 * s :][valid], atol=1e-5)
+            assert same != cross
+
+
+def test_one_slot_student_and_validation():
+    teachers = [_cfg(), _cfg()]
+    plain = build_student(teachers, 4, num_slots=1)
+    assert plain.num_slots == 1 and plain.input_proj.out_channels == D
+    images, mask = _images()
+    out = plain(images, mask)
+    assert out.sequences[0].shape == (2, 20, D)
+    assert plain._attn_mask(20, torch.device("cpu")) is None
+    with pytest.raises(ValueError, match="adapter"):
+        build_student([_cfg(), _cfg(hidden_dim=32, nheads=2)], 4)
+    with pytest.raises(ValueError, match="enc_layers"):
+        build_student([_cfg(), _cfg(enc_layers=3)], 4)
+    with pytest.raises(ValueError, match="strides"):
+        build_student([_cfg(), _cfg(cnn_channels=(8, 16, 16))], 4)
+    with pytest.raises(ValueError, match="num_slots"):
+        build_student(teachers, 4, num_slots=3)
+    with pytest.raises(ValueError, match="teacher_configs"):
+        build_student([], 4)
+    with pytest.raises(ValueError, match="overrides"):
+        build_student(teachers, 4, not_a_field=1)
+    student = build_student(teachers, 4, variant="anchor", num_queries=9)
+    assert student.config.variant == "anchor" and student.num_queries == 9
+
+
+def _pseudo_targets(teacher_outs, num_classes_per_teacher: int):
+    """Simple union-space pseudo-targets from softmax teachers (the top query per teacher)."""
+    targets = []
+    u = num_classes_per_teacher * len(teacher_outs)
+    for b in range(teacher_outs[0].pred_logits.shape[0]):
+        labels, boxes, soft = [], [], []
+        for k, out in enumerate(teacher_outs):
+            logits = out.pred_logits[b]  # (Q, C + 1)
+            prob = logits.softmax(-1)[:, :-1]
+            q = int(prob.max(-1).values.argmax())
+            c = int(prob[q].argmax())
+            row = torch.full((u + 1,), -5.0)
+            lo = k * num_classes_per_teacher
+            row[lo : lo + num_classes_per_teacher] = logits[q, :-1]
+            row[u] = logits[q, -1]
+            labels.append(lo + c)
+            boxes.append(out.pred_boxes[b, q])
+            soft.append(row)
+        targets.append(
+            {
+                "labels": torch.tensor(labels),
+                "boxes": torch.stack(boxes),
+                "soft_logits": torch.stack(soft),
+            }
+        )
+    return targets
+
+
+def test_student_sa_ta_overfit_step_decreases_loss():
+    torch.manual_seed(0)
+    teachers = [DETR(_cfg(2)).eval(), DETR(_cfg(2)).eval()]
+    for t in teachers:
+        t.requires_grad_(False)
+    student = build_student([t.config for t in teachers], num_classes=4)
+    images, mask = _images(seed=1)
+    with torch.no_grad():
+        t_outs = [t(images, mask) for t in teachers]
+    targets = _pseudo_targets(t_outs, 2)
+    sa = SequenceAmalgamationLoss()
+    ta = TaskAmalgamationLoss(num_classes=4)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+
+    def step():
+        out = student(images, mask)
+        sa_loss = sa(out, t_outs)["loss"]
+        ta_loss = ta(out, targets)["loss"]
+        return sa_loss, ta_loss
+
+    losses = []
+    for _ in range(8):
+        sa_loss, ta_loss = step()
+        loss = sa_loss + ta_loss
+        losses.append((loss.item(), sa_loss.item(), ta_loss.item()))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert all(p.grad is None for t in teachers for p in t.parameters())
+    first, last = losses[0], losses[-1]
+    assert last[0] < 0.8 * first[0], losses
+    assert last[1] < first[1] and last[2] < first[2], losses
+
+
+def test_aggregation_student_step_trains_projection():
+    torch.manual_seed(0)
+    teachers = [DETR(_cfg(2)).eval(), DETR(_cfg(2)).eval()]
+    student = build_student([t.config for t in teachers], num_classes=4, num_slots=1)
+    images, mask = _images()
+    with torch.no_grad():
+        t_outs = [t(images, mask) for t in teachers]
+    agg = AggregationHintLoss(num_teachers=2, hidden_dim=D, num_points=3)
+    opt = torch.optim.AdamW([*student.parameters(), *agg.parameters()], lr=1e-3)
+    before = [p.detach().clone() for p in agg.parameters()]
+    out = agg(student(images, mask), t_outs)
+    out["loss"].backward()
+    opt.step()
+    assert all(not torch.equal(b, p) for b, p in zip(before, agg.parameters(), strict=True))
