@@ -1,1 +1,64 @@
-"""ka_rs.models."""
+"""ka_rs.models: DETR detectors (plain and anchor variants), backbones, presets, checkpoints.
+
+Typical use::
+
+    from ka_rs.models import build_model
+    model = build_model("anchor_tiny", num_classes=4)
+    out = model(images, mask)          # DetrOutput
+    out.pred_logits, out.pred_boxes, out.aux_outputs, out.sequences, out.padding_mask
+"""
+
+from ka_rs.models.backbone import (
+    BACKBONES,
+    Backbone,
+    FrozenBatchNorm2d,
+    ResNet,
+    SmallCNN,
+    build_backbone,
+)
+from ka_rs.models.detr import DETR, VARIANTS, DetrConfig, DetrOutput, EncoderInput, postprocess
+from ka_rs.models.detr_checkpoint import DETR_KEY_MAP, convert_detr_state_dict, load_detr_checkpoint
+from ka_rs.models.position import PositionEmbeddingSine, box_sine_embedding
+from ka_rs.models.presets import PRESETS, TRAINING_HINTS, build_model, preset_config
+from ka_rs.models.transformer import (
+    MLP,
+    AnchorDecoder,
+    Transformer,
+    TransformerDecoder,
+    TransformerDecoderLayer,
+    TransformerEncoder,
+    TransformerEncoderLayer,
+    inverse_sigmoid,
+)
+
+__all__ = [
+    "BACKBONES",
+    "DETR",
+    "DETR_KEY_MAP",
+    "MLP",
+    "PRESETS",
+    "TRAINING_HINTS",
+    "VARIANTS",
+    "AnchorDecoder",
+    "Backbone",
+    "DetrConfig",
+    "DetrOutput",
+    "EncoderInput",
+    "FrozenBatchNorm2d",
+    "PositionEmbeddingSine",
+    "ResNet",
+    "SmallCNN",
+    "Transformer",
+    "TransformerDecoder",
+    "TransformerDecoderLayer",
+    "TransformerEncoder",
+    "TransformerEncoderLayer",
+    "box_sine_embedding",
+    "build_backbone",
+    "build_model",
+    "convert_detr_state_dict",
+    "inverse_sigmoid",
+    "load_detr_checkpoint",
+    "postprocess",
+    "preset_config",
+]
