@@ -170,7 +170,7 @@ def test_student_sa_ta_overfit_step_decreases_loss():
     targets = _pseudo_targets(t_outs, 2)
     sa = SequenceAmalgamationLoss()
     ta = TaskAmalgamationLoss(num_classes=4)
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    opt = torch.optim.AdamW(student.parameters(), lr=3e-3)
 
     def step():
         out = student(images, mask)
@@ -179,7 +179,7 @@ def test_student_sa_ta_overfit_step_decreases_loss():
         return sa_loss, ta_loss
 
     losses = []
-    for _ in range(8):
+    for _ in range(10):
         sa_loss, ta_loss = step()
         loss = sa_loss + ta_loss
         losses.append((loss.item(), sa_loss.item(), ta_loss.item()))
@@ -188,7 +188,7 @@ def test_student_sa_ta_overfit_step_decreases_loss():
         opt.step()
     assert all(p.grad is None for t in teachers for p in t.parameters())
     first, last = losses[0], losses[-1]
-    assert last[0] < 0.8 * first[0], losses
+    assert last[0] < 0.7 * first[0], losses
     assert last[1] < first[1] and last[2] < first[2], losses
 
 

@@ -1,17 +1,18 @@
-"""ka_rs.losses: DETR's set criterion (and, from the amalgamation work, SA / TA losses)."""
+"""ka_rs.losses: DETR set criterion, sequence-level (SA) and task-level (TA) amalgamation."""
 
-from ka_rs.losses.set_criterion import (
-    SetCriterion,
-    box_cxcywh_to_xyxy,
-    build_criterion,
-    generalized_box_iou_pairs,
-    sigmoid_focal_loss,
+from ka_rs.losses.sa import (
+    AggregationHintLoss,
+    SequenceAmalgamationLoss,
+    normalize_sequence,
+    sequence_mse,
 )
+from ka_rs.losses.ta import TaskAmalgamationLoss, amalgamation_weight
 
 __all__ = [
-    "SetCriterion",
-    "box_cxcywh_to_xyxy",
-    "build_criterion",
-    "generalized_box_iou_pairs",
-    "sigmoid_focal_loss",
+    "AggregationHintLoss",
+    "SequenceAmalgamationLoss",
+    "TaskAmalgamationLoss",
+    "amalgamation_weight",
+    "normalize_sequence",
+    "sequence_mse",
 ]
