@@ -1,4 +1,4 @@
-"""ka_rs.losses: DETR set criterion, sequence-level (SA) and task-level (TA) amalgamation."""
+"""ka_rs.losses: DETR's set criterion, sequence-level (SA) and task-level (TA) amalgamation."""
 
 from ka_rs.losses.sa import (
     AggregationHintLoss,
@@ -6,13 +6,25 @@ from ka_rs.losses.sa import (
     normalize_sequence,
     sequence_mse,
 )
+from ka_rs.losses.set_criterion import (
+    SetCriterion,
+    box_cxcywh_to_xyxy,
+    build_criterion,
+    generalized_box_iou_pairs,
+    sigmoid_focal_loss,
+)
 from ka_rs.losses.ta import TaskAmalgamationLoss, amalgamation_weight
 
 __all__ = [
     "AggregationHintLoss",
     "SequenceAmalgamationLoss",
+    "SetCriterion",
     "TaskAmalgamationLoss",
     "amalgamation_weight",
+    "box_cxcywh_to_xyxy",
+    "build_criterion",
+    "generalized_box_iou_pairs",
     "normalize_sequence",
     "sequence_mse",
+    "sigmoid_focal_loss",
 ]
