@@ -43,6 +43,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ka_rs.losses.set_criterion import (
+    box_cxcywh_to_xyxy,
+    generalized_box_iou_pairs,
+    sigmoid_focal_loss,
+)
 from ka_rs.matcher import HungarianMatcher
 
 __all__ = ["TaskAmalgamationLoss", "amalgamation_weight"]
@@ -89,33 +94,13 @@ def _field(obj: Any, key: str) -> Any:
     return value
 
 
-def _box_cxcywh_to_xyxy(b: Tensor) -> Tensor:
-    cx, cy, w, h = b.unbind(-1)
-    return torch.stack((cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h), dim=-1)
-
-
-def _paired_giou(a: Tensor, b: Tensor, eps: float = 1e-7) -> Tensor:
-    """GIoU of row-aligned xyxy boxes (M, 4) and (M, 4) -> (M,), differentiable."""
-    area_a = (a[:, 2] - a[:, 0]).clamp(min=0) * (a[:, 3] - a[:, 1]).clamp(min=0)
-    area_b = (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)
-    lt = torch.maximum(a[:, :2], b[:, :2])
-    rb = torch.minimum(a[:, 2:], b[:, 2:])
-    inter = (rb - lt).clamp(min=0).prod(-1)
-    union = area_a + area_b - inter
-    iou = inter / union.clamp(min=eps)
-    lt_c = torch.minimum(a[:, :2], b[:, :2])
-    rb_c = torch.maximum(a[:, 2:], b[:, 2:])
-    hull = (rb_c - lt_c).clamp(min=0).prod(-1)
-    return iou - (hull - union) / hull.clamp(min=eps)
-
-
-def _num_targets(count: int, device: torch.device) -> float:
-    """Average number of pseudo-targets per process (all-reduced under DDP), at least 1."""
-    n = torch.tensor(float(count), device=device)
+def _global_mean(values: Tensor) -> Tensor:
+    """Average a 1-D tensor of counts over ranks (identity without torch.distributed)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(n)
-        n = n / torch.distributed.get_world_size()
-    return max(float(n.item()), 1.0)
+        values = values.clone()
+        torch.distributed.all_reduce(values)
+        values /= torch.distributed.get_world_size()
+    return values
 
 
 class TaskAmalgamationLoss(nn.Module):
@@ -280,20 +265,23 @@ class TaskAmalgamationLoss(nn.Module):
 
     # ----------------------------------------------------------------------------- losses
     def _class_loss_softmax(
-        self, logits: Tensor, matched: Tensor, batch_idx: Tensor, query_idx: Tensor, soft: Tensor
+        self,
+        logits: Tensor,
+        matched: Tensor,
+        batch_idx: Tensor,
+        query_idx: Tensor,
+        soft: Tensor,
+        denom: Tensor,
     ) -> Tensor:
         t = self.temperature
-        n_total = logits.shape[0] * logits.shape[1]
-        n_matched = batch_idx.numel()
         kl = logits.new_zeros(())
-        if n_matched:
+        if batch_idx.numel():
             log_ps = F.log_softmax(logits[batch_idx, query_idx] / t, dim=-1)
             log_pt = F.log_softmax(soft / t, dim=-1)
             kl = (log_pt.exp() * (log_pt - log_ps)).sum() * (t * t)
         ce_bg = -F.log_softmax(logits, dim=-1)[..., self.num_classes]  # (B, Q)
         ce_unmatched = (ce_bg * (~matched).to(ce_bg.dtype)).sum()
-        denom = n_matched + self.eos_coef * (n_total - n_matched)
-        return (kl + self.eos_coef * ce_unmatched) / max(denom, 1e-12)
+        return (kl + self.eos_coef * ce_unmatched) / denom.clamp(min=1e-6)
 
     def _class_loss_sigmoid(
         self,
@@ -302,7 +290,7 @@ class TaskAmalgamationLoss(nn.Module):
         batch_idx: Tensor,
         query_idx: Tensor,
         soft: Tensor,
-        num_boxes: float,
+        num_boxes: Tensor,
     ) -> Tensor:
         t = self.temperature
         kl = logits.new_zeros(())
@@ -315,11 +303,9 @@ class TaskAmalgamationLoss(nn.Module):
             )
             kl = bkl.sum() * (t * t)
         # focal loss toward 0 for every class of every unmatched query
-        p = torch.sigmoid(logits)
-        bce = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none")
-        focal = bce * p.pow(self.focal_gamma)
-        if self.focal_alpha >= 0:
-            focal = (1 - self.focal_alpha) * focal
+        focal = sigmoid_focal_loss(
+            logits, torch.zeros_like(logits), self.focal_alpha, self.focal_gamma
+        )
         unmatched = (focal.sum(-1) * (~matched).to(focal.dtype)).sum()
         return (kl + unmatched) / num_boxes
 
@@ -342,8 +328,18 @@ class TaskAmalgamationLoss(nn.Module):
                 if key not in tgt:
                     raise ValueError(f"pseudo_targets[{i}]: missing {key!r}")
         match_targets = [{"labels": t["labels"], "boxes": t["boxes"]} for t in pseudo_targets]
-        indices = self.matcher.match_layers(layers, match_targets)
-        num_boxes = _num_targets(sum(int(t["labels"].shape[0]) for t in pseudo_targets), device)
+        indices = self.matcher.match_layers(layers, match_targets)  # ONE call, all layers
+
+        # normalisers, averaged over ranks in one all-reduce (as SetCriterion does): the
+        # number of pseudo-targets, and per layer #matched + eos·#unmatched (softmax)
+        counts = [float(sum(int(t["labels"].shape[0]) for t in pseudo_targets))]
+        if self.class_head == "softmax":
+            n_queries = layers[0]["pred_logits"].shape[0] * layers[0]["pred_logits"].shape[1]
+            for layer_idx in indices:
+                m = sum(len(q) for q, _ in layer_idx)
+                counts.append(m + self.eos_coef * (n_queries - m))
+        norms = _global_mean(torch.tensor(counts, dtype=torch.float32, device=device))
+        num_boxes = norms[0].clamp(min=1.0)
 
         soft_per_image = [self._soft_targets(t, i, device) for i, t in enumerate(pseudo_targets)]
         boxes_per_image = [
@@ -368,14 +364,18 @@ class TaskAmalgamationLoss(nn.Module):
             matched[batch_idx, query_idx] = True
 
             if self.class_head == "softmax":
-                loss_class = self._class_loss_softmax(logits, matched, batch_idx, query_idx, soft)
+                loss_class = self._class_loss_softmax(
+                    logits, matched, batch_idx, query_idx, soft, norms[1 + li]
+                )
             else:
                 loss_class = self._class_loss_sigmoid(
                     logits, matched, batch_idx, query_idx, soft, num_boxes
                 )
             src_boxes = pred_boxes[batch_idx, query_idx]
             loss_bbox = (src_boxes - tgt_boxes).abs().sum() / num_boxes
-            giou = _paired_giou(_box_cxcywh_to_xyxy(src_boxes), _box_cxcywh_to_xyxy(tgt_boxes))
+            giou = generalized_box_iou_pairs(
+                box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(tgt_boxes)
+            )
             loss_giou = (1 - giou).sum() / num_boxes
 
             suffix = "" if li == 0 else f"_{li - 1}"
