@@ -20,6 +20,7 @@ from ka_rs.models.detr import DETR, VARIANTS, DetrConfig, DetrOutput, EncoderInp
 from ka_rs.models.detr_checkpoint import DETR_KEY_MAP, convert_detr_state_dict, load_detr_checkpoint
 from ka_rs.models.position import PositionEmbeddingSine, box_sine_embedding
 from ka_rs.models.presets import PRESETS, TRAINING_HINTS, build_model, preset_config
+from ka_rs.models.student import AmalgamationStudent, build_student, slot_attention_mask
 from ka_rs.models.transformer import (
     MLP,
     AnchorDecoder,
@@ -39,6 +40,7 @@ __all__ = [
     "PRESETS",
     "TRAINING_HINTS",
     "VARIANTS",
+    "AmalgamationStudent",
     "AnchorDecoder",
     "Backbone",
     "DetrConfig",
@@ -56,9 +58,11 @@ __all__ = [
     "box_sine_embedding",
     "build_backbone",
     "build_model",
+    "build_student",
     "convert_detr_state_dict",
     "inverse_sigmoid",
     "load_detr_checkpoint",
     "postprocess",
     "preset_config",
+    "slot_attention_mask",
 ]
