@@ -1,0 +1,805 @@
+"""Training engine: a reusable, resumable, distributed epoch loop and ``train_teacher``.
+
+:class:`TrainLoop` owns everything that does not depend on *what* is trained: the optimiser
+(AdamW, separate backbone learning rate), the step LR schedule, gradient clipping, the
+(seed, epoch)-deterministic and resumable data order, DDP, progress bars, JSON-lines metrics,
+periodic evaluation logged against training minutes, atomic checkpoints and ``--resume``.
+What is trained is given as a ``loss_fn(model, images, mask, targets) -> dict`` and an
+``evaluate_fn(loop) -> dict[str, float]``; :func:`train_teacher` plugs in a DETR, its
+:class:`~ka_rs.losses.SetCriterion` and COCO evaluation. The amalgamation engine plugs in a
+student and its losses the same way.
+
+Run folder (``train.output_dir``)::
+
+    config.toml          the exact config (rerun with --config)
+    metrics.jsonl        {"type": "train", step, epoch, loss, loss_*, lr, lr_backbone, grad_norm,
+                          img_per_s, train_minutes, wall_minutes}  every log_every_steps steps
+                         {"type": "eval", step, epoch, train_minutes, AP, AP50, AP75, ...}
+    checkpoint.pt        latest checkpoint (atomic; --resume continues from it)
+    eval.json            final evaluation (COCO AP per subset and per class)
+    curves.png           AP50 / AP vs training minutes, loss vs step
+
+Exact resume: data order and augmentation are functions of (seed, epoch, index) only
+(:class:`~ka_rs.engine.distributed.ResumableDistributedSampler`,
+:class:`~ka_rs.engine.distributed.SeededDataset`), DataLoaders draw their worker seeds from
+their own generator, and checkpoints carry the optimiser, scheduler, loop position and every
+global RNG state; on a CPU a run stopped at step k and resumed ends with bit-identical weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ka_rs.engine.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from ka_rs.engine.config import Config, DataConfig, OptimConfig, TrainConfig, dump_toml
+from ka_rs.engine.distributed import (
+    DistInfo,
+    ResumableDistributedSampler,
+    SeededDataset,
+    all_reduce_mean,
+    barrier,
+    broadcast_object,
+    cleanup_distributed,
+    init_distributed,
+    unwrap_model,
+    wrap_ddp,
+)
+from ka_rs.engine.logging import (
+    MetricsWriter,
+    get_logger,
+    make_progress,
+    plot_training_curves,
+    read_metrics,
+    setup_logging,
+)
+
+__all__ = [
+    "LossFn",
+    "TrainLoop",
+    "TrainResult",
+    "TrainState",
+    "build_datasets",
+    "build_optimizer",
+    "build_scheduler",
+    "move_targets",
+    "resolve_classes",
+    "train_teacher",
+]
+
+log = get_logger("ka_rs.train")
+
+Batch = tuple[torch.Tensor, torch.Tensor, list[dict[str, Any]]]
+#: ``loss_fn(model, images, mask, targets) -> {"loss": total, **components}``
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, list[dict[str, Any]]], dict[str, Any]]
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+@dataclass
+class TrainState:
+    """Loop position: optimiser steps done, epoch, batches done in it, time and images spent."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    train_seconds: float = 0.0
+    images_seen: int = 0
+    last_eval: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def train_minutes(self) -> float:
+        """Training wall time in minutes (evaluation and checkpointing excluded)."""
+        return self.train_seconds / 60.0
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or stopped) run returns."""
+
+    output_dir: Path
+    state: TrainState
+    final_eval: dict[str, Any]
+    checkpoint: Path | None
+    stopped_by: str
+
+
+# ----------------------------------------------------------------------------------------------
+# optimiser and schedule
+
+
+def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
+    """AdamW with two parameter groups: backbone (``lr_backbone``) and the rest (``lr``).
+
+    Parameters whose name contains ``"backbone"`` go to the backbone group; with
+    ``lr_backbone = 0`` they are frozen (``requires_grad = False``) instead.
+    """
+    net = unwrap_model(model)
+    backbone, rest = [], []
+    for name, p in net.named_parameters():
+        if "backbone" in name:
+            if optim.lr_backbone == 0:
+                p.requires_grad_(False)
+            if p.requires_grad:
+                backbone.append(p)
+        elif p.requires_grad:
+            rest.append(p)
+    groups: list[dict[str, Any]] = [{"params": rest, "lr": optim.lr, "name": "main"}]
+    if backbone:
+        groups.append({"params": backbone, "lr": optim.lr_backbone, "name": "backbone"})
+    return torch.optim.AdamW(groups, lr=optim.lr, weight_decay=optim.weight_decay)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, optim: OptimConfig
+) -> torch.optim.lr_scheduler.MultiStepLR:
+    """Multiply every LR by ``lr_gamma`` at each ``lr_drop`` milestone (epochs or steps).
+
+    The caller steps it once per epoch or once per optimiser step, per ``lr_drop_unit``.
+    """
+    return torch.optim.lr_scheduler.MultiStepLR(
+        optimizer, milestones=sorted(optim.lr_drop), gamma=optim.lr_gamma
+    )
+
+
+def move_targets(targets: Sequence[Mapping[str, Any]], device: torch.device) -> list[dict]:
+    """Move every tensor of every target dict to ``device`` (other values unchanged)."""
+    return [
+        {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()}
+        for t in targets
+    ]
+
+
+def _data_loader_generator(seed: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) % (1 << 63))
+
+
+# ----------------------------------------------------------------------------------------------
+# the loop
+
+
+class TrainLoop:
+    """Epoch loop shared by teacher training and amalgamation (see the module docstring).
+
+    Args:
+        model: the module to train, on ``info.device`` (wrapped in DDP here when distributed).
+        train_dataset: map-style dataset of ``(image, target)``; wrapped in
+            :class:`SeededDataset` so augmentation depends on (seed, epoch, index) only.
+        loss_fn: ``(model, images, mask, targets) -> {"loss": Tensor, **components}``; targets
+            are already on the device. Components may be tensors or floats.
+        optim / train: config sections.
+        class_names: stored in checkpoints (the model's label order).
+        config_dict: the whole run config as a plain dict (stored in checkpoints / config.toml).
+        evaluate_fn: ``(loop) -> {"AP": ..., "AP50": ..., ...}`` called on every rank at
+            evaluation time (it must be collective-safe), or None.
+        collate_fn: batch builder (default :func:`ka_rs.data.collate_fn`).
+        info: distributed setup from :func:`init_distributed`.
+        kind: checkpoint ``kind``.
+        parameters_to_clip: parameters for gradient clipping (default: all trainable).
+        optimizer: a pre-built optimiser (default :func:`build_optimizer`).
+        extra_checkpoint: ``() -> dict`` of extra plain entries saved in each checkpoint.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_dataset: Any,
+        loss_fn: LossFn,
+        *,
+        optim: OptimConfig,
+        train: TrainConfig,
+        class_names: Sequence[str],
+        config_dict: Mapping[str, Any],
+        evaluate_fn: Callable[[TrainLoop], Mapping[str, float]] | None = None,
+        collate_fn: Callable[[list[Any]], Batch] | None = None,
+        info: DistInfo | None = None,
+        kind: str = "teacher",
+        optimizer: torch.optim.Optimizer | None = None,
+        extra_checkpoint: Callable[[], Mapping[str, Any]] | None = None,
+    ) -> None:
+        if collate_fn is None:
+            from ka_rs.data import collate_fn as default_collate
+
+            collate_fn = default_collate
+        self.info = info or DistInfo()
+        self.optim_cfg = optim
+        self.train_cfg = train
+        self.class_names = list(class_names)
+        self.config_dict = dict(config_dict)
+        self.loss_fn = loss_fn
+        self.evaluate_fn = evaluate_fn
+        self.kind = kind
+        self.extra_checkpoint = extra_checkpoint
+        self.output_dir = Path(train.output_dir)
+        self.checkpoint_path = self.output_dir / CHECKPOINT_NAME
+        self.model = wrap_ddp(model, self.info)
+        self.optimizer = optimizer or build_optimizer(self.model, optim)
+        self.scheduler = build_scheduler(self.optimizer, optim)
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.state = TrainState()
+        self.dataset = SeededDataset(train_dataset, train.seed)
+        if len(self.dataset) == 0:
+            raise ValueError("train dataset: it is empty")
+        self.sampler = ResumableDistributedSampler(
+            self.dataset,
+            num_replicas=self.info.world_size,
+            rank=self.info.rank,
+            shuffle=True,
+            seed=train.seed,
+            drop_last=True,
+        )
+        self.collate_fn = collate_fn
+        self.batches_per_epoch = len(self.sampler) // train.batch_size
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"train.batch_size: {train.batch_size} per process × {self.info.world_size} "
+                f"process(es) exceeds the {len(self.dataset)} training images"
+            )
+        self.metrics: MetricsWriter | None = None
+
+    # -- checkpoints
+
+    def save(self, path: Path | None = None) -> Path | None:
+        """Write a checkpoint on rank 0 (atomic); other ranks wait at a barrier."""
+        path = path or self.checkpoint_path
+        if self.info.is_main:
+            st = self.state
+            save_checkpoint(
+                path,
+                model=self.model,
+                class_names=self.class_names,
+                config=self.config_dict,
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                step=st.step,
+                epoch=st.epoch,
+                batch_in_epoch=st.batch_in_epoch,
+                train_seconds=st.train_seconds,
+                images_seen=st.images_seen,
+                metrics=st.last_eval,
+                kind=self.kind,
+                extra=self.extra_checkpoint() if self.extra_checkpoint else None,
+            )
+        barrier()
+        return path if self.info.is_main else None
+
+    def resume(self, path: str | Path) -> None:
+        """Restore model, optimiser, scheduler, loop position and RNG states from ``path``."""
+        ckpt = load_checkpoint(path, map_location=self.info.device)
+        if ckpt.get("kind") != self.kind:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} is a {ckpt.get('kind')!r} checkpoint, not {self.kind!r}"
+            )
+        if "optimizer" not in ckpt:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} holds weights only (no optimiser state); cannot resume"
+            )
+        net = unwrap_model(self.model)
+        try:
+            net.load_state_dict(ckpt["model"])
+        except RuntimeError as exc:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r}: its weights do not fit this model "
+                f"(different model config?): {exc}"
+            ) from None
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError) as exc:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r}: optimiser state does not fit: {exc}"
+            ) from None
+        if "scheduler" in ckpt:
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            # the config may change the milestones on resume: the config wins
+            self.scheduler.milestones = type(self.scheduler.milestones)(
+                sorted(self.optim_cfg.lr_drop)
+            )
+        self.state = TrainState(
+            step=int(ckpt["step"]),
+            epoch=int(ckpt["epoch"]),
+            batch_in_epoch=int(ckpt["batch_in_epoch"]),
+            train_seconds=float(ckpt.get("train_seconds", 0.0)),
+            images_seen=int(ckpt.get("images_seen", 0)),
+            last_eval=dict(ckpt.get("metrics") or {}),
+        )
+        if "rng" in ckpt:
+            restore_rng_state(ckpt["rng"])
+        if self.info.is_main:
+            log.info(
+                "resumed from %s: step %d, epoch %d (+%d batches), %.2f training minutes",
+                path,
+                self.state.step,
+                self.state.epoch,
+                self.state.batch_in_epoch,
+                self.state.train_minutes,
+            )
+
+    # -- helpers
+
+    def lrs(self) -> dict[str, float]:
+        """Current learning rate of each parameter group (``lr``, ``lr_backbone``)."""
+        out = {}
+        for g in self.optimizer.param_groups:
+            out["lr_backbone" if g.get("name") == "backbone" else "lr"] = float(g["lr"])
+        return out
+
+    def _make_loader(self, epoch: int, start_batch: int) -> torch.utils.data.DataLoader:
+        self.sampler.set_epoch(epoch)
+        self.sampler.set_start(start_batch * self.train_cfg.batch_size)
+        return torch.utils.data.DataLoader(
+            self.dataset,
+            batch_size=self.train_cfg.batch_size,
+            sampler=self.sampler,
+            num_workers=self.train_cfg.num_workers,
+            collate_fn=self.collate_fn,
+            drop_last=True,
+            pin_memory=self.info.device.type == "cuda",
+            generator=_data_loader_generator(self.train_cfg.seed, epoch),
+            persistent_workers=False,
+        )
+
+    def _total_steps(self) -> int:
+        total = self.train_cfg.epochs * self.batches_per_epoch
+        if self.train_cfg.max_steps:
+            total = min(total, self.train_cfg.max_steps)
+        return total
+
+    def train_step(self, batch: Batch) -> tuple[dict[str, float], float]:
+        """One optimiser step on ``batch``; returns (loss components as floats, grad norm)."""
+        images, mask, targets = batch
+        dev = self.info.device
+        images = images.to(dev, non_blocking=True)
+        mask = mask.to(dev, non_blocking=True)
+        targets = move_targets(targets, dev)
+        self.model.train()
+        losses = self.loss_fn(self.model, images, mask, targets)
+        loss = losses["loss"]
+        if not torch.isfinite(loss):
+            comps = {k: float(v) for k, v in losses.items()}
+            raise FloatingPointError(
+                f"loss is {float(loss)} at step {self.state.step + 1}; stopping "
+                f"(components: {comps})"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        max_norm = self.optim_cfg.clip_max_norm if self.optim_cfg.clip_max_norm > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        self.optimizer.step()
+        return {k: float(v) for k, v in losses.items()}, float(grad_norm)
+
+    def run_evaluation(self) -> dict[str, float]:
+        """Call ``evaluate_fn`` (all ranks), log an ``eval`` record, remember the result."""
+        if self.evaluate_fn is None:
+            return {}
+        metrics = dict(self.evaluate_fn(self))
+        self.state.last_eval = {k: float(v) for k, v in metrics.items()}
+        record = {
+            "type": "eval",
+            "step": self.state.step,
+            "epoch": self.state.epoch,
+            "train_minutes": self.state.train_minutes,
+            "wall_minutes": (time.perf_counter() - self._t_start) / 60.0,
+            "images_seen": self.state.images_seen,
+            **self.state.last_eval,
+        }
+        if self.metrics is not None:
+            self.metrics.write(record)
+        if self.info.is_main:
+            shown = ", ".join(
+                f"{k} {v:.3f}" for k, v in self.state.last_eval.items() if "/" not in k
+            )
+            log.info(
+                "eval @ step %d (%.2f training min): %s",
+                self.state.step,
+                self.state.train_minutes,
+                shown,
+            )
+        return self.state.last_eval
+
+    # -- main loop
+
+    def fit(self) -> TrainResult:  # noqa: C901 - one readable loop
+        """Train until the epoch / step / time budget is used up; return the result."""
+        cfg = self.train_cfg
+        info = self.info
+        self._t_start = time.perf_counter()
+        if info.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.toml").write_text(dump_toml(self.config_dict))
+        self.metrics = MetricsWriter(self.output_dir / "metrics.jsonl", enabled=info.is_main)
+        st = self.state
+        total = self._total_steps()
+        budget_s = cfg.time_budget_minutes * 60.0
+        timed = budget_s > 0 or cfg.eval_every_minutes > 0
+        next_eval_min = (
+            (math.floor(st.train_minutes / cfg.eval_every_minutes) + 1) * cfg.eval_every_minutes
+            if cfg.eval_every_minutes > 0
+            else math.inf
+        )
+        stopped_by = ""
+        window: dict[str, float] = {}
+        window_n = 0
+        window_images = 0
+        window_t = 0.0
+        step_unit = self.optim_cfg.lr_drop_unit == "step"
+        if info.is_main:
+            log.info(
+                "training %s: %d images, %d steps/epoch, batch %d × %d process(es), device %s",
+                self.kind,
+                len(self.dataset),
+                self.batches_per_epoch,
+                cfg.batch_size,
+                info.world_size,
+                info.device,
+            )
+        progress = make_progress(enabled=cfg.progress and info.is_main)
+        try:
+            with progress as bar:
+                task = bar.add_task("train", total=total, completed=min(st.step, total))
+                while not stopped_by:
+                    if st.epoch >= cfg.epochs:
+                        stopped_by = "epochs"
+                        break
+                    if cfg.max_steps and st.step >= cfg.max_steps:
+                        stopped_by = "max_steps"
+                        break
+                    if budget_s > 0 and broadcast_object(st.train_seconds >= budget_s):
+                        stopped_by = "time_budget"
+                        break
+                    if st.batch_in_epoch >= self.batches_per_epoch:  # defensive
+                        st.epoch += 1
+                        st.batch_in_epoch = 0
+                        continue
+                    loader = self._make_loader(st.epoch, st.batch_in_epoch)
+                    t_last = time.perf_counter()
+                    for batch in loader:
+                        comps, grad_norm = self.train_step(batch)
+                        if step_unit:
+                            self.scheduler.step()
+                        now = time.perf_counter()
+                        dt = now - t_last
+                        st.step += 1
+                        st.batch_in_epoch += 1
+                        st.train_seconds += dt
+                        n_img = int(batch[0].shape[0]) * info.world_size
+                        st.images_seen += n_img
+                        for k, v in comps.items():
+                            window[k] = window.get(k, 0.0) + v
+                        window["grad_norm"] = window.get("grad_norm", 0.0) + grad_norm
+                        window_n += 1
+                        window_images += n_img
+                        window_t += dt
+
+                        # time-based decisions come from rank 0, so all ranks agree
+                        do_eval_time = False
+                        if timed:
+                            flags = (
+                                budget_s > 0 and st.train_seconds >= budget_s,
+                                st.train_minutes >= next_eval_min,
+                            )
+                            flags = broadcast_object(flags)
+                            if flags[0]:
+                                stopped_by = "time_budget"
+                            do_eval_time = flags[1]
+
+                        if st.step % cfg.log_every_steps == 0 or stopped_by:
+                            avg = all_reduce_mean({k: v / window_n for k, v in window.items()})
+                            record = {
+                                "type": "train",
+                                "step": st.step,
+                                "epoch": st.epoch,
+                                **avg,
+                                **self.lrs(),
+                                "img_per_s": window_images / max(window_t, 1e-9),
+                                "train_minutes": st.train_minutes,
+                                "wall_minutes": (now - self._t_start) / 60.0,
+                            }
+                            self.metrics.write(record)
+                            info_txt = (
+                                f"loss {avg['loss']:.3f}  {record['img_per_s']:.0f} img/s  "
+                                f"{st.train_minutes:.1f} min"
+                            )
+                            if "AP50" in st.last_eval:
+                                info_txt += f"  AP50 {st.last_eval['AP50']:.3f}"
+                            bar.update(task, completed=min(st.step, total), info=info_txt)
+                            if info.is_main and not _is_rich(bar):
+                                log.info(
+                                    "step %d/%d epoch %d  %s  lr %.2e",
+                                    st.step,
+                                    total,
+                                    st.epoch,
+                                    info_txt,
+                                    record["lr"],
+                                )
+                            window, window_n, window_images, window_t = {}, 0, 0, 0.0
+                        else:
+                            bar.update(task, completed=min(st.step, total))
+
+                        if cfg.max_steps and st.step >= cfg.max_steps:
+                            stopped_by = "max_steps"
+                        epoch_done = st.batch_in_epoch >= self.batches_per_epoch
+                        if epoch_done:
+                            st.epoch += 1
+                            st.batch_in_epoch = 0
+                            if not step_unit:
+                                self.scheduler.step()
+                        final = bool(stopped_by) or st.epoch >= cfg.epochs
+                        if not final and (
+                            do_eval_time
+                            or (cfg.eval_every_steps and st.step % cfg.eval_every_steps == 0)
+                            or (
+                                epoch_done
+                                and cfg.eval_every_epochs
+                                and st.epoch % cfg.eval_every_epochs == 0
+                            )
+                        ):
+                            self.run_evaluation()
+                            if cfg.eval_every_minutes > 0:
+                                while next_eval_min <= st.train_minutes:
+                                    next_eval_min += cfg.eval_every_minutes
+                        if not final and (
+                            (
+                                cfg.checkpoint_every_steps
+                                and st.step % cfg.checkpoint_every_steps == 0
+                            )
+                            or (epoch_done and not cfg.checkpoint_every_steps)
+                        ):
+                            self.save()
+                        if final or epoch_done:
+                            break
+                        t_last = time.perf_counter()
+                    if st.epoch >= cfg.epochs and not stopped_by:
+                        stopped_by = "epochs"
+            final_eval = self.run_evaluation()
+            ckpt = self.save()
+            if info.is_main:
+                log.info(
+                    "stopped (%s) at step %d, epoch %d after %.2f training minutes; checkpoint %s",
+                    stopped_by,
+                    st.step,
+                    st.epoch,
+                    st.train_minutes,
+                    ckpt,
+                )
+        finally:
+            if self.metrics is not None:
+                self.metrics.close()
+        if info.is_main and cfg.plot:
+            try:
+                plot_training_curves(
+                    read_metrics(self.output_dir / "metrics.jsonl"),
+                    self.output_dir / "curves.png",
+                    title=f"{self.kind}: {self.output_dir.name}",
+                )
+            except Exception as exc:  # a plot must never fail a finished run
+                log.warning("could not write curves.png: %s", exc)
+        return TrainResult(
+            output_dir=self.output_dir,
+            state=st,
+            final_eval=final_eval,
+            checkpoint=ckpt,
+            stopped_by=stopped_by,
+        )
+
+
+def _is_rich(bar: Any) -> bool:
+    return type(bar).__name__ != "_NullProgress"
+
+
+# ----------------------------------------------------------------------------------------------
+# teacher training
+
+
+def resolve_classes(data: DataConfig, all_classes: Sequence[str]) -> list[str]:
+    """The classes a detector trained on ``data`` learns (see :class:`DataConfig`)."""
+    all_classes = list(all_classes)
+    if data.split:
+        from ka_rs.data import get_split
+
+        split = get_split(data.split)
+        if not data.teacher:
+            raise ValueError(
+                f"data.teacher: required with data.split={data.split!r}; one of {sorted(split)}"
+            )
+        if data.teacher not in split:
+            raise ValueError(
+                f"data.teacher: {data.teacher!r} is not part of split {data.split!r}; "
+                f"expected one of {sorted(split)}"
+            )
+        classes = list(split[data.teacher])
+    elif data.classes:
+        classes = list(data.classes)
+    else:
+        return all_classes
+    unknown = [c for c in classes if c not in all_classes]
+    if unknown:
+        raise ValueError(
+            f"data.classes: {unknown} are not classes of the dataset "
+            f"(it has: {', '.join(all_classes)})"
+        )
+    if len(set(classes)) != len(classes):
+        raise ValueError(f"data.classes: duplicate class names in {classes}")
+    return classes
+
+
+def build_datasets(
+    data: DataConfig, *, image_size: int = 128, max_size: int = 0, train: bool = True
+) -> tuple[Any, Any, list[str]]:
+    """Training and validation datasets for ``data`` (with transforms and class subset).
+
+    Returns ``(train_dataset or None, val_dataset, class_names)``. ``image_size`` /
+    ``max_size`` are the defaults used when ``data.image_size`` / ``data.max_size`` are 0.
+    """
+    from ka_rs.data import ClassSubset, make_transforms
+
+    size = data.image_size or image_size
+    max_size = data.max_size or max_size or size
+    train_tf = make_transforms("train", image_size=size, max_size=max_size)
+    val_tf = make_transforms("val", image_size=size, max_size=max_size)
+    train_ds: Any = None
+    if data.source == "shapes":
+        from ka_rs.data import ShapesDataset
+
+        def shapes(split: str, n: int, tf: Any) -> Any:
+            return ShapesDataset(split, n or None, image_size=size, seed=data.seed, transforms=tf)
+
+        if train:
+            train_ds = shapes(data.train_set, data.num_train_images, train_tf)
+        val_ds = shapes(data.val_set, data.num_val_images, val_tf)
+    elif data.source == "coco":
+        from ka_rs.data import CocoDetection
+
+        if train:
+            train_ds = CocoDetection(
+                data.root, data.ann_file, transforms=train_tf, skip_invalid=data.skip_invalid
+            )
+        if not data.val_ann_file:
+            raise ValueError("data.val_ann_file: required for evaluation with data.source='coco'")
+        val_ds = CocoDetection(
+            data.val_root or data.root,
+            data.val_ann_file,
+            transforms=val_tf,
+            skip_invalid=data.skip_invalid,
+        )
+    elif data.source == "voc":
+        from ka_rs.data import VocDetection
+
+        if train:
+            train_ds = VocDetection(
+                data.root, data.train_set, transforms=train_tf, skip_invalid=data.skip_invalid
+            )
+        val_ds = VocDetection(
+            data.val_root or data.root,
+            data.val_set,
+            transforms=val_tf,
+            skip_invalid=data.skip_invalid,
+        )
+    else:  # validated by the config already
+        raise ValueError(f"data.source: unknown source {data.source!r}")
+    all_classes = list(val_ds.class_names)
+    classes = resolve_classes(data, all_classes)
+    if classes != all_classes:
+        if train_ds is not None:
+            train_ds = ClassSubset(train_ds, classes)
+        val_ds = ClassSubset(val_ds, classes)
+    return train_ds, val_ds, classes
+
+
+def _preset_hints(preset: str) -> dict[str, Any]:
+    try:
+        from ka_rs.models import TRAINING_HINTS
+
+        return dict(TRAINING_HINTS.get(preset, {}))
+    except ImportError:  # pragma: no cover
+        return {}
+
+
+def train_teacher(
+    config: Config,
+    *,
+    resume: str | Path | bool | None = None,
+    info: DistInfo | None = None,
+) -> TrainResult:
+    """Train one DETR teacher as ``config`` says (see :class:`~ka_rs.engine.config.Config`).
+
+    Args:
+        config: the run configuration.
+        resume: a checkpoint path, or True for ``<output_dir>/checkpoint.pt``: continue that
+            run exactly where it stopped (model, optimiser, schedule, data order, RNG).
+        info: an existing distributed setup; by default :func:`init_distributed` reads
+            torchrun's environment (and the process group is torn down at the end).
+
+    Returns:
+        :class:`TrainResult` on every rank (the final evaluation is the same everywhere).
+    """
+    from ka_rs.engine.evaluate import evaluate, make_eval_loader
+    from ka_rs.losses import SetCriterion
+    from ka_rs.matcher import HungarianMatcher
+    from ka_rs.models import build_model
+
+    config.validate()
+    own_dist = info is None
+    info = info or init_distributed(config.train.device)
+    setup_logging(info.rank)
+    try:
+        torch.manual_seed(config.train.seed)
+        hints = _preset_hints(config.model.preset)
+        train_ds, val_ds, class_names = build_datasets(
+            config.data, image_size=int(hints.get("image_size", 128))
+        )
+        model = build_model(config.model.preset, len(class_names), **config.model.overrides)
+        model.to(info.device)
+        mcfg = model.config
+        if mcfg.class_head == "softmax":
+            matcher = HungarianMatcher.detr()
+        else:
+            matcher = HungarianMatcher.deformable()
+        criterion = SetCriterion(mcfg.num_classes, matcher, class_head=mcfg.class_head)
+        criterion.to(info.device)
+
+        def loss_fn(
+            net: nn.Module, images: torch.Tensor, mask: torch.Tensor, targets: list[dict]
+        ) -> dict[str, Any]:
+            return criterion(net(images, mask), targets)
+
+        eval_bs = config.train.eval_batch_size or 2 * config.train.batch_size
+        val_loader = make_eval_loader(val_ds, eval_bs, config.train.num_workers, info)
+        val_loader.generator = torch.Generator().manual_seed(config.train.seed)
+
+        last: dict[str, Any] = {}
+
+        def evaluate_fn(loop: TrainLoop) -> dict[str, float]:
+            res = evaluate(loop.model, val_loader, class_names, device=info.device)
+            last["result"] = res
+            return res.metrics
+
+        loop = TrainLoop(
+            model,
+            train_ds,
+            loss_fn,
+            optim=config.optim,
+            train=config.train,
+            class_names=class_names,
+            config_dict=config.to_dict(),
+            evaluate_fn=evaluate_fn,
+            info=info,
+            kind="teacher",
+        )
+        if resume:
+            path = loop.checkpoint_path if resume is True else Path(resume)
+            loop.resume(path)
+        result = loop.fit()
+        if info.is_main and "result" in last:
+            (loop.output_dir / "eval.json").write_text(last["result"].to_json())
+        return result
+    finally:
+        if own_dist:
+            cleanup_distributed()
+
+
+def summary_json(result: TrainResult) -> str:
+    """A short JSON summary of a finished run (for the CLI)."""
+    return json.dumps(
+        {
+            "output_dir": str(result.output_dir),
+            "stopped_by": result.stopped_by,
+            "step": result.state.step,
+            "epoch": result.state.epoch,
+            "train_minutes": round(result.state.train_minutes, 3),
+            "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+            **{k: v for k, v in result.final_eval.items()},
+        },
+        indent=2,
+    )
