@@ -10,8 +10,6 @@ import zipfile
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
 from ka_rs.engine.checkpoint import (
     CheckpointError,
     atomic_save,
@@ -21,6 +19,7 @@ from ka_rs.engine.checkpoint import (
     save_checkpoint,
 )
 from ka_rs.engine.config import Config
+from torch import nn
 
 
 def make_parts():
