@@ -26,6 +26,13 @@ _EXPORTS: dict[str, str] = {
     "LabelSpace": "ka_rs.labels",
     "PseudoTargets": "ka_rs.labels",
     "build_pseudo_targets": "ka_rs.labels",
+    # amalgamation student and losses
+    "AmalgamationStudent": "ka_rs.models.student",
+    "build_student": "ka_rs.models.student",
+    "SequenceAmalgamationLoss": "ka_rs.losses.sa",
+    "AggregationHintLoss": "ka_rs.losses.sa",
+    "TaskAmalgamationLoss": "ka_rs.losses.ta",
+    "amalgamation_weight": "ka_rs.losses.ta",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])
