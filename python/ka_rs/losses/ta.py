@@ -119,7 +119,8 @@ class TaskAmalgamationLoss(nn.Module):
         class_head: ``"softmax"`` (student logits (B, Q, |U|+1)) or ``"sigmoid"`` ((B, Q, |U|)).
         focal_alpha, focal_gamma: focal loss of unmatched queries (sigmoid head only).
         aux_loss: also supervise every auxiliary decoder layer (default True).
-        teacher_kinds: optional kind (``"softmax"``/``"sigmoid"``) of each teacher, indexed by
+        teacher_kinds: optional kind (``"softmax"``/``"sigmoid"``, ``"focal"`` = sigmoid; the
+            ``kinds`` given to ``build_pseudo_targets``) of each teacher, indexed by
             the pseudo-targets' ``"teacher"`` ids, for converting soft logits whose kind differs
             from ``class_head`` (see the module docstring). None = soft logits already match.
 
@@ -163,10 +164,14 @@ class TaskAmalgamationLoss(nn.Module):
         if not (math.isfinite(eos_coef) and eos_coef >= 0):
             raise ValueError(f"eos_coef: must be a finite value >= 0, got {eos_coef!r}")
         if teacher_kinds is not None:
-            teacher_kinds = list(teacher_kinds)
+            if isinstance(teacher_kinds, str):
+                raise ValueError("teacher_kinds: expected a sequence of kinds, one per teacher")
+            teacher_kinds = ["sigmoid" if k == "focal" else k for k in teacher_kinds]
             for kind in teacher_kinds:
                 if kind not in _HEADS:
-                    raise ValueError(f"teacher_kinds: expected entries in {_HEADS}, got {kind!r}")
+                    raise ValueError(
+                        f"teacher_kinds: expected entries in {(*_HEADS, 'focal')}, got {kind!r}"
+                    )
         self.num_classes = int(num_classes)
         self.class_head = class_head
         if matcher is None:
