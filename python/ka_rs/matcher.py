@@ -52,32 +52,88 @@ def _field(obj: Any, key: str, where: str) -> Any:
     raise ValueError(f"{where}: missing {key!r} (expected a mapping or object with {key!r})")
 
 
-def _as_tensor(x: Any, name: str) -> torch.Tensor:
+# An input array on the host (numpy, possibly a zero-copy view of a CPU tensor) or a tensor
+# still on its device (CUDA, MPS, ...). Host work is done with numpy only: numpy never touches
+# torch's intra-op thread pool, so the matcher also works in a plainly forked child process.
+_Array = Any
+
+
+def _host_view(x: Any, name: str) -> _Array:
+    """Zero-copy numpy view of a CPU tensor / numpy array; device tensors are returned as is."""
     if isinstance(x, torch.Tensor):
-        return x.detach()
+        x = x.detach()
+        if x.device.type != "cpu":
+            return x
+        if x.dtype in (torch.bfloat16, torch.complex32) or x.is_conj() or x.is_neg():
+            x = x.resolve_conj().resolve_neg()
+            if x.dtype == torch.bfloat16:
+                x = x.float()
+        return x.numpy()
     if isinstance(x, np.ndarray):
-        return torch.from_numpy(x) if x.flags.writeable else torch.as_tensor(np.array(x))
+        return x
     raise ValueError(f"{name}: expected a torch tensor or numpy array, got {type(x).__name__}")
 
 
-def _to_cpu(t: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
-    """One device→host transfer in the tensor's own (compact) dtype, then a C-contiguous cast."""
-    if t.device.type != "cpu":
-        t = t.cpu()
-    if t.dtype != dtype:
-        t = t.to(dtype)
-    return np.ascontiguousarray(t.numpy())
+def _is_float(x: _Array) -> bool:
+    if isinstance(x, torch.Tensor):
+        return x.is_floating_point()
+    return x.dtype.kind == "f"
 
 
-def _stack(ts: list[torch.Tensor]) -> torch.Tensor:
-    """Stack along a new leading axis; a view (no copy) for a single tensor."""
-    if len(ts) == 1:
-        return ts[0].unsqueeze(0)
-    if len({t.device for t in ts}) > 1:
-        ts = [t.cpu() for t in ts]
-    if len({t.dtype for t in ts}) > 1:
-        ts = [t.float() for t in ts]
-    return torch.stack(ts)
+def _is_int(x: _Array) -> bool:
+    if isinstance(x, torch.Tensor):
+        return not (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool)
+    return x.dtype.kind in "iu"
+
+
+def _host_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float32 if t.is_floating_point() else torch.int64
+
+
+def _on_host(items: list[_Array]) -> list[np.ndarray]:
+    """Bring device tensors to the host: one compact transfer per device (stack first there)."""
+    devices = {x.device for x in items if isinstance(x, torch.Tensor)}
+    if not devices:
+        return items
+    out = list(items)
+    for dev in devices:
+        ids = [i for i, x in enumerate(items) if isinstance(x, torch.Tensor) and x.device == dev]
+        group = [items[i] for i in ids]
+        if len({t.dtype for t in group}) > 1:
+            group = [t.to(_host_dtype(t)) for t in group]
+        if len(ids) > 1 and len({t.shape[1:] for t in group}) == 1:
+            sizes = [t.shape[0] for t in group]
+            host = torch.cat(group).cpu()  # one transfer, in the tensors' own dtype
+            if host.dtype == torch.bfloat16:
+                host = host.float()
+            for i, part in zip(ids, host.split(sizes), strict=True):
+                out[i] = part.numpy()
+        else:
+            for i, t in zip(ids, group, strict=True):
+                host = t.cpu()
+                out[i] = (host.float() if host.dtype == torch.bfloat16 else host).numpy()
+    return out
+
+
+def _stack(items: list[_Array], dtype: type) -> np.ndarray:
+    """(n, *shape) C-contiguous array of ``dtype``; a view (no copy) for one suitable array."""
+    if len(items) == 1 and isinstance(items[0], np.ndarray):
+        a = items[0]
+        if a.dtype == dtype and a.flags.c_contiguous:
+            return a[None]
+    items = _on_host(items)
+    out = np.empty((len(items), *items[0].shape), dtype=dtype)
+    for i, a in enumerate(items):
+        out[i] = a  # one pass: copy and cast
+    return out
+
+
+def _concat(items: list[_Array], dtype: type) -> np.ndarray:
+    """Concatenate along axis 0 into a C-contiguous array of ``dtype``."""
+    host = _on_host(items)
+    if len(host) == 1 and host[0].dtype == dtype and host[0].flags.c_contiguous:
+        return host[0]
+    return np.concatenate(host, axis=0, dtype=dtype, casting="unsafe")
 
 
 class HungarianMatcher:
@@ -225,23 +281,23 @@ class HungarianMatcher:
             return []
         batch = len(targets)
 
-        logits: list[torch.Tensor] = []
-        boxes: list[torch.Tensor] = []
+        logits: list[_Array] = []
+        boxes: list[_Array] = []
         for i, out in enumerate(outputs_list):
             where = "outputs" if num_layers == 1 else f"outputs_list[{i}]"
-            lg = _as_tensor(_field(out, "pred_logits", where), "pred_logits")
-            bx = _as_tensor(_field(out, "pred_boxes", where), "pred_boxes")
-            if lg.ndim != 3 or not lg.is_floating_point():
+            lg = _host_view(_field(out, "pred_logits", where), "pred_logits")
+            bx = _host_view(_field(out, "pred_boxes", where), "pred_boxes")
+            if lg.ndim != 3 or not _is_float(lg):
                 raise ValueError(
                     f"pred_logits: expected a float (B, Q, K) tensor in {where}, "
                     f"got shape {tuple(lg.shape)} dtype {lg.dtype}"
                 )
-            if bx.ndim != 3 or bx.shape[-1] != 4 or not bx.is_floating_point():
+            if bx.ndim != 3 or bx.shape[-1] != 4 or not _is_float(bx):
                 raise ValueError(
                     f"pred_boxes: expected a float (B, Q, 4) tensor in {where}, "
                     f"got shape {tuple(bx.shape)} dtype {bx.dtype}"
                 )
-            if bx.shape[:2] != lg.shape[:2]:
+            if tuple(bx.shape[:2]) != tuple(lg.shape[:2]):
                 raise ValueError(
                     f"pred_boxes: shape {tuple(bx.shape)} does not match pred_logits "
                     f"{tuple(lg.shape)} in {where}"
@@ -275,8 +331,8 @@ class HungarianMatcher:
 
         result: list[list[MatchIndices]] = [[] for _ in range(num_layers)]
         for layer_ids in groups.values():
-            lg_np = _to_cpu(_stack([logits[i] for i in layer_ids]), torch.float32)
-            bx_np = _to_cpu(_stack([boxes[i] for i in layer_ids]), torch.float32)
+            lg_np = _stack([logits[i] for i in layer_ids], np.float32)
+            bx_np = _stack([boxes[i] for i in layer_ids], np.float32)
             pred_idx, tgt_idx, counts = _native.match_layers(
                 lg_np,
                 bx_np,
@@ -303,8 +359,8 @@ class HungarianMatcher:
         targets: Sequence[Mapping[str, Any]],
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Concatenate per-image targets into (ΣT,) int64 labels, (ΣT, 4) f32 boxes, (B,) sizes."""
-        labels: list[torch.Tensor] = []
-        boxes: list[torch.Tensor] = []
+        labels: list[_Array] = []
+        boxes: list[_Array] = []
         sizes = np.empty(len(targets), dtype=np.int64)
         for i, tgt in enumerate(targets):
             if not isinstance(tgt, Mapping):
@@ -315,16 +371,16 @@ class HungarianMatcher:
             for key in ("labels", "boxes"):
                 if key not in tgt:
                     raise ValueError(f"targets[{i}]: missing {key!r}")
-            lab = _as_tensor(tgt["labels"], f"targets[{i}]['labels']")
-            box = _as_tensor(tgt["boxes"], f"targets[{i}]['boxes']")
-            if lab.ndim != 1 or lab.is_floating_point() or lab.dtype in (torch.bool,):
+            lab = _host_view(tgt["labels"], f"targets[{i}]['labels']")
+            box = _host_view(tgt["boxes"], f"targets[{i}]['boxes']")
+            if lab.ndim != 1 or not (_is_int(lab) or lab.shape[0] == 0):
                 raise ValueError(
                     f"targets[{i}]['labels']: expected an integer (T,) tensor, "
                     f"got shape {tuple(lab.shape)} dtype {lab.dtype}"
                 )
-            if box.numel() == 0:
+            if box.ndim == 1 and box.shape[0] == 0:
                 box = box.reshape(0, 4)
-            if box.ndim != 2 or box.shape[1] != 4 or not box.is_floating_point():
+            if box.ndim != 2 or box.shape[1] != 4 or not _is_float(box):
                 raise ValueError(
                     f"targets[{i}]['boxes']: expected a float (T, 4) tensor, "
                     f"got shape {tuple(box.shape)} dtype {box.dtype}"
@@ -337,15 +393,8 @@ class HungarianMatcher:
             sizes[i] = lab.shape[0]
             labels.append(lab)
             boxes.append(box)
-        if len({t.device for t in labels + boxes}) > 1:
-            labels = [t.cpu() for t in labels]
-            boxes = [t.cpu() for t in boxes]
-        if len({t.dtype for t in boxes}) > 1:
-            boxes = [t.float() for t in boxes]
-        if len({t.dtype for t in labels}) > 1:
-            labels = [t.long() for t in labels]
         return (
-            _to_cpu(torch.cat(labels), torch.int64),
-            _to_cpu(torch.cat(boxes), torch.float32),
+            _concat(labels, np.int64) if labels else np.zeros(0, np.int64),
+            _concat(boxes, np.float32) if boxes else np.zeros((0, 4), np.float32),
             sizes,
         )
