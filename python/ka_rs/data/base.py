@@ -33,6 +33,7 @@ __all__ = [
     "DetectionDataset",
     "SkippedItem",
     "Target",
+    "empty_target",
     "load_rgb_image",
 ]
 
@@ -160,6 +161,25 @@ class DetectionDataset(Dataset):
                 image, target = self.transforms(image, target)
             return image, target
         raise DatasetError(type(self).__name__, None, "no readable image left in the dataset")
+
+    def check_images(self) -> list[int]:
+        """Decode every image now (slow: a full pass); return the indices that fail.
+
+        With ``skip_invalid=True`` failures are logged, recorded in ``.skipped`` and later
+        skipped by ``__getitem__``; otherwise the first failure raises :class:`DatasetError`.
+        """
+        bad = []
+        for i in range(len(self)):
+            try:
+                self.load(i)
+            except DatasetError as e:
+                if not self.skip_invalid:
+                    raise
+                if i not in self._bad_indices:
+                    self._bad_indices.add(i)
+                    self._record_skip("image", e)
+                bad.append(i)
+        return bad
 
 
 def empty_target(image_id: int, height: int, width: int) -> Target:
