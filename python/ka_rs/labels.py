@@ -312,17 +312,18 @@ def _number(value: Any, name: str, kind: type) -> Any:
     return float(value)
 
 
-def _to_host(tensors: list[torch.Tensor]) -> list[np.ndarray]:
+def _to_host(tensors: list[torch.Tensor], *, gather_cpu: bool = False) -> list[np.ndarray]:
     """float32 C-contiguous numpy copies/views of ``tensors``, with a single device→host copy.
 
     CPU tensors are viewed without a copy when already float32 and contiguous. Tensors on an
     accelerator are flattened into one buffer in their own dtype (float32 when dtypes differ),
-    copied to the host once, then split and cast on the CPU.
+    copied to the host once, then split and cast on the CPU (``gather_cpu`` sends CPU tensors
+    down that path too, for tests).
     """
     out: list[np.ndarray] = [np.empty(0, np.float32)] * len(tensors)
     by_device: dict[torch.device, list[int]] = {}
     for i, t in enumerate(tensors):
-        if t.device.type == "cpu":
+        if t.device.type == "cpu" and not gather_cpu:
             out[i] = np.ascontiguousarray(t.to(torch.float32).numpy())
         else:
             by_device.setdefault(t.device, []).append(i)
@@ -449,9 +450,13 @@ def _split(
     teacher: np.ndarray,
     counts: np.ndarray,
     device: torch.device,
+    *,
+    pack: bool | None = None,
 ) -> list[PseudoTargets]:
+    """Per-image dicts on ``device``; ``pack`` (default: device is not the CPU) moves the
+    outputs as two packed buffers."""
     sizes = counts.tolist()
-    if device.type == "cpu":
+    if not (device.type != "cpu" if pack is None else pack):
         lab, bx, sl, sc, te = (torch.from_numpy(a) for a in (labels, boxes, soft, scores, teacher))
     else:
         # Two host→device copies (one float buffer, one int buffer), then views.
