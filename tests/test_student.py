@@ -130,21 +130,23 @@ def test_one_slot_student_and_validation():
     assert student.config.variant == "anchor" and student.num_queries == 9
 
 
-def _pseudo_targets(teacher_outs, num_classes_per_teacher: int):
-    """Simple union-space pseudo-targets from softmax teachers (the top query per teacher)."""
+def _pseudo_targets(teacher_outs, num_classes_per_teacher: int, kind: str = "softmax"):
+    """Simple union-space pseudo-targets from disjoint teachers (the top query per teacher)."""
     targets = []
-    u = num_classes_per_teacher * len(teacher_outs)
+    c_k = num_classes_per_teacher
+    u = c_k * len(teacher_outs)
     for b in range(teacher_outs[0].pred_logits.shape[0]):
         labels, boxes, soft = [], [], []
         for k, out in enumerate(teacher_outs):
-            logits = out.pred_logits[b]  # (Q, C + 1)
-            prob = logits.softmax(-1)[:, :-1]
+            logits = out.pred_logits[b]  # (Q, C + 1) softmax / (Q, C) sigmoid
+            prob = logits.softmax(-1)[:, :-1] if kind == "softmax" else logits[:, :c_k].sigmoid()
             q = int(prob.max(-1).values.argmax())
             c = int(prob[q].argmax())
             row = torch.full((u + 1,), -5.0)
-            lo = k * num_classes_per_teacher
-            row[lo : lo + num_classes_per_teacher] = logits[q, :-1]
-            row[u] = logits[q, -1]
+            lo = k * c_k
+            row[lo : lo + c_k] = logits[q, :c_k]
+            if kind == "softmax":
+                row[u] = logits[q, -1]
             labels.append(lo + c)
             boxes.append(out.pred_boxes[b, q])
             soft.append(row)
@@ -158,18 +160,21 @@ def _pseudo_targets(teacher_outs, num_classes_per_teacher: int):
     return targets
 
 
-def test_student_sa_ta_overfit_step_decreases_loss():
+@pytest.mark.parametrize("variant", ["detr", "anchor"])
+def test_student_sa_ta_overfit_step_decreases_loss(variant):
     torch.manual_seed(0)
-    teachers = [DETR(_cfg(2)).eval(), DETR(_cfg(2)).eval()]
+    teachers = [DETR(_cfg(2, variant=variant)).eval() for _ in range(2)]
     for t in teachers:
         t.requires_grad_(False)
     student = build_student([t.config for t in teachers], num_classes=4)
+    assert student.config.variant == variant
     images, mask = _images(seed=1)
     with torch.no_grad():
         t_outs = [t(images, mask) for t in teachers]
-    targets = _pseudo_targets(t_outs, 2)
+    head = student.config.class_head
+    targets = _pseudo_targets(t_outs, 2, head)
     sa = SequenceAmalgamationLoss()
-    ta = TaskAmalgamationLoss(num_classes=4)
+    ta = TaskAmalgamationLoss(num_classes=4, class_head=head)
     opt = torch.optim.AdamW(student.parameters(), lr=3e-3)
 
     def step():
@@ -188,7 +193,8 @@ def test_student_sa_ta_overfit_step_decreases_loss():
         opt.step()
     assert all(p.grad is None for t in teachers for p in t.parameters())
     first, last = losses[0], losses[-1]
-    assert last[0] < 0.7 * first[0], losses
+    # the anchor variant's boxes start from zero-initialised deltas and move more slowly
+    assert last[0] < (0.7 if variant == "detr" else 0.85) * first[0], losses
     assert last[1] < first[1] and last[2] < first[2], losses
 
 
