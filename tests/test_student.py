@@ -212,3 +212,33 @@ def test_aggregation_student_step_trains_projection():
     out["loss"].backward()
     opt.step()
     assert all(not torch.equal(b, p) for b, p in zip(before, agg.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("student_variant", ["detr", "anchor"])
+def test_end_to_end_with_build_pseudo_targets(student_variant):
+    """Real label space + Rust pseudo-targets from a softmax and a sigmoid teacher (overlapping
+    class sets) feed TA on either student head; SA on the same step; gradients flow."""
+    from ka_rs.labels import LabelSpace, build_pseudo_targets
+
+    torch.manual_seed(0)
+    space = LabelSpace.from_teachers({"a": ["cat", "dog"], "b": ["dog", "car"]})
+    teachers = [DETR(_cfg(2, variant="detr")).eval(), DETR(_cfg(2, variant="anchor")).eval()]
+    kinds = ["softmax", "sigmoid"]
+    images, mask = _images(seed=2)
+    with torch.no_grad():
+        t_outs = [t(images, mask) for t in teachers]
+    targets = build_pseudo_targets(space, t_outs, kinds=kinds, threshold=0.0, top_n=5)
+    assert all(t["soft_logits"].shape[1] == space.num_classes + 1 for t in targets)
+    assert sum(len(t["labels"]) for t in targets) > 0
+    student = build_student(
+        [t.config for t in teachers], space.num_classes, variant=student_variant
+    )
+    out = student(images, mask)
+    ta = TaskAmalgamationLoss(
+        space.num_classes, class_head=student.config.class_head, teacher_kinds=kinds
+    )
+    loss = SequenceAmalgamationLoss()(out, t_outs)["loss"] + ta(out, targets)["loss"]
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert student.class_embed.weight.grad.abs().sum() > 0
+    assert student.input_proj.weight.grad.abs().sum() > 0
