@@ -224,14 +224,8 @@ class TaskAmalgamationLoss(nn.Module):
         """(M, num_logits) soft logits of image i in the student's convention."""
         soft = tgt["soft_logits"]
         m = tgt["labels"].shape[0]
-        ok_cols = (
-            (self.num_classes + 1,)
-            if self.class_head == "softmax"
-            else (
-                self.num_classes,
-                self.num_classes + 1,
-            )
-        )
+        # a sigmoid head ignores the background column, so it also accepts (M, |U|)
+        ok_cols = {self.num_classes + 1, self.num_logits}
         if soft.dim() != 2 or soft.shape[0] != m or soft.shape[1] not in ok_cols:
             raise ValueError(
                 f"pseudo_targets[{i}]['soft_logits']: expected shape ({m}, {self.num_classes + 1})"
