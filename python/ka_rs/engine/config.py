@@ -76,6 +76,11 @@ class DataConfig:
     * ``"voc"``: a Pascal VOC folder (the one holding ``Annotations/``, ``JPEGImages/``,
       ``ImageSets/``); ``train_set`` / ``val_set`` are image-set names (``trainval``, ``test``).
 
+    Images: ``image_size`` is the evaluation size (shorter side; shapes are also drawn at this
+    size) and ``max_size`` caps the longer side (0 = the preset's suggestion / no cap).
+    Training augmentation: random resize to one of ``scales`` (empty = 75%-100% of
+    ``image_size`` in steps of 8, DETR-style), horizontal ``flip``, ``color_jitter`` strength.
+
     Classes: all of the dataset's classes, or an explicit ``classes`` list, or the
     ``teacher`` part of a split preset ``split`` (see :func:`ka_rs.data.get_split`, e.g.
     ``split = "shapes-halves"``, ``teacher = "teacher_a"``). The dataset keeps every image but
@@ -93,6 +98,9 @@ class DataConfig:
     num_val_images: int = 0
     image_size: int = 0
     max_size: int = 0
+    scales: list[int] = field(default_factory=list)
+    flip: bool = True
+    color_jitter: float = 0.2
     classes: list[str] = field(default_factory=list)
     split: str = ""
     teacher: str = ""
@@ -408,6 +416,7 @@ def _validate(cfg: Config) -> None:
         ("data", "num_val_images"),
         ("data", "image_size"),
         ("data", "max_size"),
+        ("data", "color_jitter"),
         ("optim", "lr"),
         ("optim", "lr_backbone"),
         ("optim", "weight_decay"),
@@ -417,6 +426,8 @@ def _validate(cfg: Config) -> None:
     for section, name in non_negative:
         if getattr(getattr(cfg, section), name) < 0:
             raise ConfigError(f"{section}.{name}: must be >= 0")
+    if any(s <= 0 for s in cfg.data.scales):
+        raise ConfigError(f"data.scales: sizes must be > 0, got {cfg.data.scales}")
     if any(m <= 0 for m in cfg.optim.lr_drop):
         raise ConfigError(f"optim.lr_drop: milestones must be > 0, got {cfg.optim.lr_drop}")
     if cfg.data.teacher and not cfg.data.split:

@@ -147,15 +147,16 @@ def barrier() -> None:
         dist.barrier()
 
 
-def wrap_ddp(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
+def wrap_ddp(
+    model: torch.nn.Module, info: DistInfo, find_unused_parameters: bool = False
+) -> torch.nn.Module:
     """Wrap ``model`` (already on ``info.device``) in DDP when distributed, else return it."""
     if not info.distributed:
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     device_ids = [info.device.index] if info.device.type == "cuda" else None
-    # find_unused_parameters: a frozen/unused head branch must not hang the reducer.
-    return DDP(model, device_ids=device_ids, find_unused_parameters=True)
+    return DDP(model, device_ids=device_ids, find_unused_parameters=find_unused_parameters)
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:

@@ -190,6 +190,8 @@ class TrainLoop:
         parameters_to_clip: parameters for gradient clipping (default: all trainable).
         optimizer: a pre-built optimiser (default :func:`build_optimizer`).
         extra_checkpoint: ``() -> dict`` of extra plain entries saved in each checkpoint.
+        find_unused_parameters: passed to DDP (True when some trainable parameters may get
+            no gradient in a step).
     """
 
     def __init__(
@@ -208,6 +210,7 @@ class TrainLoop:
         kind: str = "teacher",
         optimizer: torch.optim.Optimizer | None = None,
         extra_checkpoint: Callable[[], Mapping[str, Any]] | None = None,
+        find_unused_parameters: bool = False,
     ) -> None:
         if collate_fn is None:
             from ka_rs.data import collate_fn as default_collate
@@ -224,7 +227,7 @@ class TrainLoop:
         self.extra_checkpoint = extra_checkpoint
         self.output_dir = Path(train.output_dir)
         self.checkpoint_path = self.output_dir / CHECKPOINT_NAME
-        self.model = wrap_ddp(model, self.info)
+        self.model = wrap_ddp(model, self.info, find_unused_parameters=find_unused_parameters)
         self.optimizer = optimizer or build_optimizer(self.model, optim)
         self.scheduler = build_scheduler(self.optimizer, optim)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -377,7 +380,9 @@ class TrainLoop:
         max_norm = self.optim_cfg.clip_max_norm if self.optim_cfg.clip_max_norm > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         self.optimizer.step()
-        return {k: float(v) for k, v in losses.items()}, float(grad_norm)
+        return {
+            k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in losses.items()
+        }, float(grad_norm)
 
     def run_evaluation(self) -> dict[str, float]:
         """Call ``evaluate_fn`` (all ranks), log an ``eval`` record, remember the result."""
@@ -645,8 +650,16 @@ def build_datasets(
     from ka_rs.data import ClassSubset, make_transforms
 
     size = data.image_size or image_size
-    max_size = data.max_size or max_size or size
-    train_tf = make_transforms("train", image_size=size, max_size=max_size)
+    # DETR's 800/1333 aspect cap unless given
+    max_size = data.max_size or max_size or round(size * 1333 / 800)
+    train_tf = make_transforms(
+        "train",
+        image_size=size,
+        max_size=max_size,
+        scales=data.scales or None,
+        flip=data.flip,
+        color_jitter=data.color_jitter,
+    )
     val_tf = make_transforms("val", image_size=size, max_size=max_size)
     train_ds: Any = None
     if data.source == "shapes":
@@ -725,8 +738,7 @@ def train_teacher(
         :class:`TrainResult` on every rank (the final evaluation is the same everywhere).
     """
     from ka_rs.engine.evaluate import evaluate, make_eval_loader
-    from ka_rs.losses import SetCriterion
-    from ka_rs.matcher import HungarianMatcher
+    from ka_rs.losses import build_criterion
     from ka_rs.models import build_model
 
     config.validate()
@@ -741,18 +753,14 @@ def train_teacher(
         )
         model = build_model(config.model.preset, len(class_names), **config.model.overrides)
         model.to(info.device)
-        mcfg = model.config
-        if mcfg.class_head == "softmax":
-            matcher = HungarianMatcher.detr()
-        else:
-            matcher = HungarianMatcher.deformable()
-        criterion = SetCriterion(mcfg.num_classes, matcher, class_head=mcfg.class_head)
-        criterion.to(info.device)
+        criterion = build_criterion(model.config).to(info.device)
 
         def loss_fn(
             net: nn.Module, images: torch.Tensor, mask: torch.Tensor, targets: list[dict]
         ) -> dict[str, Any]:
-            return criterion(net(images, mask), targets)
+            losses = criterion(net(images, mask), targets)
+            # log the total and the final layer's components (not every auxiliary layer's)
+            return {k: v for k, v in losses.items() if not k[-1].isdigit()}
 
         eval_bs = config.train.eval_batch_size or 2 * config.train.batch_size
         val_loader = make_eval_loader(val_ds, eval_bs, config.train.num_workers, info)

@@ -1,0 +1,294 @@
+"""``ka-rs`` subcommands of the engine: ``train-teacher``, ``evaluate``, ``export-shapes``.
+
+Registered by :mod:`ka_rs.cli` (see there for the contract). Only argparse is imported at
+module level; torch and the engine load when a command runs. :func:`add_config_arguments` and
+:func:`load_run_config` are shared with later commands (``amalgamate``) so that every training
+command takes ``--config`` / ``--set`` / ``--output`` / ``--resume`` the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "add_config_arguments",
+    "cmd_evaluate",
+    "cmd_export_shapes",
+    "cmd_train_teacher",
+    "load_run_config",
+    "register",
+]
+
+
+def add_config_arguments(p: argparse.ArgumentParser) -> None:
+    """``--config``, ``--set`` (repeatable), ``--output``, ``--device``, ``--resume [CKPT]``."""
+    p.add_argument(
+        "--config", "-c", metavar="TOML", help="config file (default: built-in defaults)"
+    )
+    p.add_argument(
+        "--set",
+        "-s",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set optim.lr=2e-4 --set train.epochs=10 "
+        '(repeatable; values are TOML: 1e-4, true, [1, 2], "text" or a bare word)',
+    )
+    p.add_argument("--output", "-o", metavar="DIR", help="run folder (sets train.output_dir)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or auto (sets train.device)")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="CKPT",
+        help="continue a stopped run from CKPT (default: <output>/checkpoint.pt); without "
+        "--config the checkpoint's own config is used (plus --set overrides)",
+    )
+
+
+def load_run_config(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The :class:`~ka_rs.engine.config.Config` for ``args`` and the resume target.
+
+    Resume target: None, or the checkpoint path to continue from. With ``--resume`` and no
+    ``--config``, the config stored in the checkpoint is the base.
+    """
+    from ka_rs.engine.checkpoint import load_checkpoint
+    from ka_rs.engine.config import Config, apply_overrides, load_config
+
+    overrides = list(args.overrides)
+    if args.output:
+        overrides.append(f"train.output_dir={_toml_str(args.output)}")
+    if args.device:
+        overrides.append(f"train.device={_toml_str(args.device)}")
+    resume: Path | None = None
+    if args.resume is not None:
+        if args.resume is True:
+            if args.config:
+                base = load_config(args.config, overrides)
+            else:
+                base = apply_overrides(Config(), overrides)
+            resume = Path(base.train.output_dir) / "checkpoint.pt"
+        else:
+            resume = Path(args.resume)
+        if not args.config:
+            ckpt = load_checkpoint(resume)
+            cfg = Config.from_dict(ckpt.get("config") or {}, source=f"config in {resume}")
+            return (apply_overrides(cfg, overrides) if overrides else cfg), resume
+    return load_config(args.config, overrides), resume
+
+
+def _toml_str(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+# ---------------------------------------------------------------------------------------------
+# train-teacher
+
+
+def cmd_train_teacher(args: argparse.Namespace) -> int:
+    """Train one teacher; print a JSON summary on rank 0."""
+    from ka_rs.engine.train import summary_json, train_teacher
+
+    cfg, resume = load_run_config(args)
+    if args.no_progress:
+        cfg.train.progress = False
+    result = train_teacher(cfg, resume=resume)
+    if _is_rank0():
+        print(summary_json(result))
+    return 0
+
+
+def _is_rank0() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate
+
+
+def _parse_subsets(specs: list[str], model_classes: list[str]) -> dict[str, list[str]]:
+    """``--subsets`` values: split presets / ``name=a,b;...`` strings, intersected with the
+    model's classes (teachers with no class in the model are dropped)."""
+    from ka_rs.data import get_split
+
+    out: dict[str, list[str]] = {}
+    known = set(model_classes)
+    for spec in specs:
+        for name, classes in get_split(spec).items():
+            mine = [c for c in classes if c in known]
+            if mine:
+                out[name] = mine
+    return out
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Evaluate a checkpoint on a dataset; print a rich table and optionally JSON."""
+    import torch
+    from rich.console import Console
+
+    from ka_rs.engine.checkpoint import load_detector
+    from ka_rs.engine.config import Config, DataConfig, apply_overrides, load_config
+    from ka_rs.engine.distributed import cleanup_distributed, init_distributed
+    from ka_rs.engine.evaluate import evaluate, make_eval_loader, results_table
+    from ka_rs.engine.train import _preset_hints, build_datasets
+
+    det = load_detector(args.checkpoint)
+    if args.config:
+        cfg = load_config(args.config)
+    else:
+        try:
+            cfg = Config.from_dict(det.config, source=f"config in {args.checkpoint}")
+        except ValueError:
+            cfg = Config()
+    overrides = list(args.overrides)
+    for flag, key in (
+        ("data", "source"),
+        ("root", "root"),
+        ("ann_file", "val_ann_file"),
+        ("split", "val_set"),
+        ("num_images", "num_val_images"),
+    ):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"data.{key}={_toml_str(str(value))}")
+            if flag == "num_images":
+                overrides[-1] = f"data.{key}={int(value)}"
+    if args.data == "coco" and args.root and not args.ann_file:
+        raise ValueError("--ann-file: required with --data coco")
+    if args.data == "coco":
+        # evaluation reads root + val_ann_file; root doubles as the image dir
+        overrides += [f"data.val_root={_toml_str(args.root or '')}"]
+        overrides += [f"data.ann_file={_toml_str(args.ann_file or '')}"]
+    if args.device:
+        overrides.append(f"train.device={_toml_str(args.device)}")
+    cfg = apply_overrides(cfg, overrides) if overrides else cfg
+    # score the model's classes on the full label set (categories matched by name)
+    data: DataConfig = cfg.data
+    data.classes, data.split, data.teacher = [], "", ""
+    info = init_distributed(cfg.train.device)
+    try:
+        size = int(_preset_hints(cfg.model.preset).get("image_size", 128))
+        _, val_ds, _ = build_datasets(data, image_size=size, train=False)
+        bs = args.batch_size or cfg.train.eval_batch_size or 2 * cfg.train.batch_size
+        loader = make_eval_loader(val_ds, bs, args.num_workers, info)
+        loader.generator = torch.Generator().manual_seed(0)
+        subsets = _parse_subsets(args.subsets, det.class_names)
+        for spec in args.subset:
+            name, _, classes = spec.partition("=")
+            if not classes:
+                raise ValueError(f"--subset {spec!r}: expected NAME=class,class,...")
+            subsets[name] = [c.strip() for c in classes.split(",") if c.strip()]
+        model = det.model.to(info.device)
+        result = evaluate(
+            model,
+            loader,
+            det.class_names,
+            subsets,
+            device=info.device,
+            progress=not args.no_progress,
+        )
+    finally:
+        cleanup_distributed()
+    if info.is_main:
+        if args.json == "-":
+            print(result.to_json())
+        else:
+            Console().print(results_table(result, title=f"{args.checkpoint}"))
+            if args.json:
+                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.json).write_text(result.to_json())
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# export-shapes
+
+
+def cmd_export_shapes(args: argparse.Namespace) -> int:
+    """Write the embedded shapes dataset to DIR in COCO layout."""
+    import json
+
+    from ka_rs.data import export_shapes
+
+    splits = [s.strip() for s in args.splits.split(",") if s.strip()]
+    num: int | dict[str, int] | None = args.num_images
+    res = export_shapes(
+        args.dir,
+        splits=splits,
+        seed=args.seed,
+        num_images=num,
+        image_size=args.image_size,
+        image_format=args.format,
+        progress=not args.no_progress and sys.stdout.isatty(),
+    )
+    print(json.dumps(res, indent=2))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# registration
+
+
+def register(sub: Any) -> None:
+    """Add ``train-teacher``, ``evaluate`` and ``export-shapes`` to the ``ka-rs`` parser."""
+    p = sub.add_parser(
+        "train-teacher",
+        help="train one DETR teacher (resumable; runs under torchrun)",
+        description="Train a DETR teacher on shapes / COCO / VOC data as a TOML config says. "
+        "Writes <output>/config.toml, metrics.jsonl, checkpoint.pt, eval.json and curves.png.",
+    )
+    add_config_arguments(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train_teacher)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="COCO AP / AP50 / AP75 of a checkpoint, over all classes and per subset",
+        description="Evaluate a ka_rs checkpoint. By default on the validation data of the "
+        "config stored in the checkpoint; --data/--root/--ann-file/--split choose another "
+        "dataset. Only the model's classes are scored (matched to the data by name).",
+    )
+    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="ka_rs checkpoint")
+    p.add_argument("--config", "-c", metavar="TOML", help="take the data section from here")
+    p.add_argument("--set", "-s", dest="overrides", action="append", default=[])
+    p.add_argument("--data", choices=("shapes", "coco", "voc"), help="dataset kind")
+    p.add_argument("--root", help="coco: image folder; voc: the VOC folder")
+    p.add_argument("--ann-file", dest="ann_file", help="coco: annotation JSON")
+    p.add_argument("--split", help="shapes split (val/test) or VOC image set (e.g. test)")
+    p.add_argument("--num-images", dest="num_images", type=int, help="shapes: number of images")
+    p.add_argument(
+        "--subsets",
+        action="append",
+        default=[],
+        metavar="SPLIT",
+        help="also score each teacher's classes of a split preset (e.g. shapes-halves) or "
+        "'name=a,b;name2=c'",
+    )
+    p.add_argument("--subset", action="append", default=[], metavar="NAME=a,b,c")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=0)
+    p.add_argument("--num-workers", dest="num_workers", type=int, default=0)
+    p.add_argument("--device", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--json", metavar="PATH", help="write the results as JSON ('-' = stdout)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "export-shapes",
+        help="write the embedded shapes dataset to a folder in COCO format",
+        description="Write DIR/<split>/*.png and DIR/annotations/instances_<split>.json.",
+    )
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--splits", default="train,val,test", help="comma-separated splits")
+    p.add_argument("--num-images", dest="num_images", type=int, default=None)
+    p.add_argument("--image-size", dest="image_size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--format", choices=("png", "jpeg"), default="png")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_export_shapes)
