@@ -61,14 +61,13 @@ _Array = Any
 def _host_view(x: Any, name: str) -> _Array:
     """Zero-copy numpy view of a CPU tensor / numpy array; device tensors are returned as is."""
     if isinstance(x, torch.Tensor):
-        x = x.detach()
-        if x.device.type != "cpu":
-            return x
-        if x.dtype in (torch.bfloat16, torch.complex32) or x.is_conj() or x.is_neg():
-            x = x.resolve_conj().resolve_neg()
-            if x.dtype == torch.bfloat16:
-                x = x.float()
-        return x.numpy()
+        if not x.is_cpu:
+            return x.detach()
+        try:
+            return x.detach().numpy() if x.requires_grad else x.numpy()
+        except (RuntimeError, TypeError):  # bfloat16, conjugate / negative views
+            x = x.detach().resolve_conj().resolve_neg()
+            return (x.float() if x.dtype == torch.bfloat16 else x).numpy()
     if isinstance(x, np.ndarray):
         return x
     raise ValueError(f"{name}: expected a torch tensor or numpy array, got {type(x).__name__}")
