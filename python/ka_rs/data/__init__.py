@@ -18,6 +18,7 @@ from .coco import CocoDetection
 from .collate import collate_fn, pad_images
 from .shapes import (
     DEFAULT_SPLIT_SIZES,
+    MIN_VISIBLE_FRACTION,
     SHAPES_CLASSES,
     ShapeObject,
     ShapesDataset,
@@ -54,6 +55,7 @@ __all__ = [
     "DEFAULT_SPLIT_SIZES",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "MIN_VISIBLE_FRACTION",
     "PER_OBJECT_KEYS",
     "SHAPES_CLASSES",
     "SPLIT_PRESETS",
