@@ -7,6 +7,7 @@
 
 use crate::boxes::{self, BoxFormat};
 use crate::error::KaError;
+use crate::lsap;
 use numpy::{
     IntoPyArray, PyArray1, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArray,
     PyUntypedArrayMethods,
@@ -239,6 +240,32 @@ fn batched_nms<'py>(
     Ok(PyArray1::from_vec(py, usize_to_i64(keep)))
 }
 
+/// Linear sum assignment with scipy's contract: `(rows, cols)` int64, rows ascending.
+/// `cost` is a 2-D float64 (or float32, widened) array; `+inf` = forbidden pair.
+#[pyfunction]
+#[pyo3(signature = (cost, maximize=false))]
+fn linear_sum_assignment<'py>(
+    py: Python<'py>,
+    cost: &Bound<'py, PyAny>,
+    maximize: bool,
+) -> PyResult<(Bound<'py, PyArray1<i64>>, Bound<'py, PyArray1<i64>>)> {
+    let (rows, cols) = match float2(cost, "cost")? {
+        F2::F64(c) => {
+            let v = c.as_array();
+            py.detach(|| lsap::linear_sum_assignment(v, maximize))
+        }
+        F2::F32(c) => {
+            let v = c.as_array();
+            py.detach(|| lsap::linear_sum_assignment(v.mapv(f64::from).view(), maximize))
+        }
+    }
+    .map_err(to_py)?;
+    Ok((
+        PyArray1::from_vec(py, usize_to_i64(rows)),
+        PyArray1::from_vec(py, usize_to_i64(cols)),
+    ))
+}
+
 #[pymodule(name = "_native", module = "ka_rs")]
 fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add(
@@ -249,6 +276,7 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(box_iou, m)?)?;
     m.add_function(wrap_pyfunction!(generalized_box_iou, m)?)?;
     m.add_function(wrap_pyfunction!(batched_nms, m)?)?;
+    m.add_function(wrap_pyfunction!(linear_sum_assignment, m)?)?;
     register_targets(m)?; // KA pseudo-targets (targets.rs)
     Ok(())
 }
