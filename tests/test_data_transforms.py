@@ -146,6 +146,20 @@ def test_color_jitter_changes_colours_not_geometry():
         ColorJitter(brightness=1.5)
 
 
+def test_color_jitter_equals_sequential_definition():
+    x = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(2)) * 0.6 + 0.2
+    out, _ = ColorJitter(0.3, 0.3, 0.3, generator=torch.Generator().manual_seed(5))(x, {})
+    g = torch.Generator().manual_seed(5)
+    b, c, s = (0.7 + 0.6 * float(torch.rand((), generator=g)) for _ in range(3))
+    w = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
+    y = x * b
+    m = (y * w).sum(0).mean()
+    y = (y - m) * c + m
+    gray = (y * w).sum(0, keepdim=True)
+    y = ((y - gray) * s + gray).clamp(0, 1)
+    assert torch.allclose(out, y, atol=1e-6)
+
+
 def test_make_transforms_pipelines():
     ds = ShapesDataset("val", 4, image_size=64)
     img, t = ds[0]

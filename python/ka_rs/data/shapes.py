@@ -203,8 +203,9 @@ def _transform(pts: np.ndarray, radius: float, aspect: float, angle: float) -> n
 
 def _render_patch(
     label: int, radius: float, aspect: float, angle: float, param: float, patch: int | None = None
-) -> np.ndarray:
-    """Boolean ``(patch, patch)`` mask of the shape centred in a square patch.
+) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """Boolean ``(patch, patch)`` mask of the shape centred in a square patch, and the mask's
+    bounding box ``(x1, y1, x2, y2)`` in patch pixels (exclusive ends).
 
     ``patch=None`` picks the smallest side that holds the whole shape with a 1-px margin.
     """
@@ -218,32 +219,40 @@ def _render_patch(
     centre = (patch - 1) / 2.0
     for xy, fill in polys:
         draw.polygon((xy + centre).ravel().tolist(), fill=fill)
-    return np.asarray(canvas) > 0
+    bbox = canvas.getbbox()
+    if bbox is None:  # pragma: no cover - radius >= 6 px always draws pixels
+        raise AssertionError("empty shape mask")
+    return np.asarray(canvas) > 0, bbox
 
 
 def object_mask(obj: ShapeObject, image_size: int) -> np.ndarray:
     """Re-render ``obj`` alone: boolean ``(image_size, image_size)`` amodal mask."""
     full = np.zeros((image_size, image_size), dtype=bool)
-    patch = _render_patch(obj.label, obj.radius, obj.aspect, obj.angle, obj.param, obj.patch)
+    patch, _ = _render_patch(obj.label, obj.radius, obj.aspect, obj.angle, obj.param, obj.patch)
     full[obj.y0 : obj.y0 + obj.patch, obj.x0 : obj.x0 + obj.patch] = patch
     return full
 
 
 def _pick_color(
-    rng: np.random.Generator, background: np.ndarray, others: list[np.ndarray]
-) -> np.ndarray:
+    rng: np.random.Generator, background: tuple[int, int, int], others: list[tuple[int, int, int]]
+) -> tuple[int, int, int]:
     """A random colour far from the background and from the other objects' colours.
 
     Draws 12 candidates and returns the first scoring >= 1 (else the best), where the score is
     min(distance to background / 130, distance to the nearest other object colour / 70).
     """
-    cand = rng.integers(0, 256, size=(12, 3)).astype(np.float64)
-    score = np.sqrt(((cand - background) ** 2).sum(1)) / 130.0
-    if others:
-        d = np.sqrt(((cand[:, None, :] - np.asarray(others)[None]) ** 2).sum(2)).min(1) / 70.0
-        score = np.minimum(score, d)
-    ok = np.flatnonzero(score >= 1.0)
-    return cand[ok[0] if ok.size else int(score.argmax())]
+    flat = rng.integers(0, 256, size=36).tolist()
+    best, best_score = (0, 0, 0), -1.0
+    for k in range(0, 36, 3):
+        c = (flat[k], flat[k + 1], flat[k + 2])
+        score = math.dist(c, background) / 130.0
+        for o in others:
+            score = min(score, math.dist(c, o) / 70.0)
+        if score >= 1.0:
+            return c
+        if score > best_score:
+            best, best_score = c, score
+    return best
 
 
 @lru_cache(maxsize=16)
@@ -348,7 +357,8 @@ class ShapesDataset(DetectionDataset):
         index = self._check_index(index)
         rng = self._rng(index, 0)
         size = self.image_size
-        background = rng.integers(0, 256, size=3).astype(np.float64)
+        bg = rng.integers(0, 256, size=3).tolist()
+        background = (bg[0], bg[1], bg[2])
         lo, hi = self.objects_per_image
         n = int(rng.integers(lo, hi + 1))
 
@@ -357,12 +367,13 @@ class ShapesDataset(DetectionDataset):
         areas: list[int] = []
         objects: list[ShapeObject] = []
         patches: list[np.ndarray] = []
-        colors: list[np.ndarray] = []
+        colors: list[tuple[int, int, int]] = []
+        boxes: list[tuple[int, int, int, int]] = []
         log_r_lo = math.log(max(_MIN_RADIUS_PX, _RADIUS_RANGE[0] * size))
         log_r_hi = max(log_r_lo, math.log(_RADIUS_RANGE[1] * size))
         num_classes = len(SHAPES_CLASSES)
         for _ in range(n):
-            u = rng.random(5)
+            u = rng.random(5).tolist()
             label = min(int(u[0] * num_classes), num_classes - 1)
             spec = _SPECS[label]
             radius = math.exp(log_r_lo + u[1] * (log_r_hi - log_r_lo))
@@ -372,7 +383,7 @@ class ShapesDataset(DetectionDataset):
             else:
                 angle = (2.0 * u[3] - 1.0) * _SMALL_ANGLE
             param = spec.param[0] + u[4] * (spec.param[1] - spec.param[0])
-            patch = _render_patch(label, radius, aspect, angle, param)
+            patch, (bx1, by1, bx2, by2) = _render_patch(label, radius, aspect, angle, param)
             p = patch.shape[0]
             area = int(patch.sum())
             color = _pick_color(rng, background, colors)
@@ -392,6 +403,7 @@ class ShapesDataset(DetectionDataset):
                 areas.append(area)
                 patches.append(patch)
                 colors.append(color)
+                boxes.append((x0 + bx1, y0 + by1, x0 + bx2, y0 + by2))
                 objects.append(
                     ShapeObject(
                         label=label,
@@ -402,26 +414,17 @@ class ShapesDataset(DetectionDataset):
                         aspect=aspect,
                         angle=angle,
                         param=param,
-                        color=(int(color[0]), int(color[1]), int(color[2])),
+                        color=color,
                     )
                 )
                 break
 
-        boxes = np.zeros((len(objects), 4), dtype=np.float32)
-        for i, (obj, patch) in enumerate(zip(objects, patches, strict=True)):
-            rows = np.flatnonzero(patch.any(axis=1))
-            cols = np.flatnonzero(patch.any(axis=0))
-            boxes[i] = (
-                obj.x0 + cols[0],
-                obj.y0 + rows[0],
-                obj.x0 + cols[-1] + 1,
-                obj.y0 + rows[-1] + 1,
-            )
         labels = np.array([o.label for o in objects], dtype=np.int64)
         area_arr = np.array(areas, dtype=np.float32)
         image = self._paint(self._rng(index, 1), background, objects, patches) if pixels else None
+        box_arr = np.array(boxes, dtype=np.float32).reshape(-1, 4)
         return ShapesSample(
-            image=image, objects=objects, boxes=boxes, labels=labels, areas=area_arr
+            image=image, objects=objects, boxes=box_arr, labels=labels, areas=area_arr
         )
 
     def _strokes(self, rng: np.random.Generator, draw: ImageDraw.ImageDraw, count: int) -> None:
@@ -448,7 +451,7 @@ class ShapesDataset(DetectionDataset):
     def _paint(
         self,
         rng: np.random.Generator,
-        background: np.ndarray,
+        background: tuple[int, int, int],
         objects: list[ShapeObject],
         patches: list[np.ndarray],
     ) -> Image.Image:
@@ -456,7 +459,9 @@ class ShapesDataset(DetectionDataset):
         if self.clutter:
             # smooth colour field: a coarse random grid, bilinearly upsampled
             g = max(3, size // 32)
-            grid = background[:, None, None] + rng.uniform(-45.0, 45.0, size=(3, g, g))
+            grid = np.array(background, dtype=np.float64)[:, None, None] + rng.uniform(
+                -45.0, 45.0, size=(3, g, g)
+            )
             w = _interp_matrix(size, g)
             field = np.einsum("hi,cij,wj->hwc", w, grid, w, optimize=True)
             field_img = Image.fromarray(np.clip(field, 0, 255).astype(np.uint8), "RGB")
@@ -464,7 +469,7 @@ class ShapesDataset(DetectionDataset):
             arr = np.array(field_img)
         else:
             arr = np.empty((size, size, 3), dtype=np.uint8)
-            arr[:] = background.astype(np.uint8)
+            arr[:] = background
         for obj, patch in zip(objects, patches, strict=True):
             region = arr[obj.y0 : obj.y0 + obj.patch, obj.x0 : obj.x0 + obj.patch]
             region[patch] = obj.color

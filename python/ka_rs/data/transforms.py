@@ -42,6 +42,7 @@ __all__ = [
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+_GRAY_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601 luma
 
 Image_ = Image.Image | torch.Tensor
 
@@ -215,14 +216,29 @@ class RandomResize:
 # ---------------------------------------------------------------- pixels
 
 
-def _to_tensor(image: Image_) -> torch.Tensor:
+def _to_array(image: Image_) -> np.ndarray:
+    """A new float32 ``(3, H, W)`` array (safe to modify in place) in [0, 1] for PIL / uint8.
+
+    Pixel arithmetic runs in numpy, single-threaded: torch's intra-op thread pool costs more
+    than it saves on images this small, badly so on a busy machine.
+    """
     if isinstance(image, Image.Image):
-        arr = np.asarray(image.convert("RGB"))
-        return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+        arr = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+        out = np.empty((3, arr.shape[0], arr.shape[1]), dtype=np.float32)
+        np.multiply(arr.transpose(2, 0, 1), np.float32(1.0 / 255.0), out=out)
+        return out
     _hw(image)
-    if image.dtype == torch.uint8:
-        return image.float().div(255.0)
-    return image.float()
+    src = image.detach().cpu().numpy()
+    if src.dtype == np.uint8:
+        return np.multiply(src, np.float32(1.0 / 255.0), dtype=np.float32)
+    return np.array(src, dtype=np.float32, copy=True)
+
+
+def _to_tensor(image: Image_) -> torch.Tensor:
+    if isinstance(image, torch.Tensor) and image.dtype == torch.float32:
+        _hw(image)
+        return image
+    return torch.from_numpy(_to_array(image))
 
 
 class ToTensor:
@@ -264,20 +280,25 @@ class ColorJitter:
 
     def __call__(self, image: Image_, target: Target) -> tuple[torch.Tensor, Target]:
         """Jitter the image colours; the target is unchanged."""
-        img = _to_tensor(image)
         if self.p < 1.0 and _rand(self.generator) >= self.p:
-            return img, target
+            return _to_tensor(image), target
         g = self.generator
         b = _uniform(1 - self.brightness, 1 + self.brightness, g)
         c = _uniform(1 - self.contrast, 1 + self.contrast, g)
         s = _uniform(1 - self.saturation, 1 + self.saturation, g)
-        weights = torch.tensor([0.299, 0.587, 0.114], dtype=img.dtype).view(3, 1, 1)
-        img = img * b
-        gray_mean = (img * weights).sum(0).mean()
-        img = (img - gray_mean) * c + gray_mean
-        gray = (img * weights).sum(0, keepdim=True)
-        img = (img - gray) * s + gray
-        return img.clamp_(0.0, 1.0), target
+        img = _to_array(image)
+        # brightness x*b, contrast (y - mean_gray(y))*c + mean_gray(y), saturation
+        # (y - gray(y))*s + gray(y) compose into one affine map of x and gray(x):
+        #   out = a*(s*x + (1 - s)*gray(x)) + k,  a = b*c,  k = b*mean_gray(x)*(1 - c)
+        gray = np.tensordot(_GRAY_WEIGHTS, img, axes=1)
+        a = b * c
+        k = b * float(gray.mean()) * (1.0 - c)
+        img *= np.float32(a * s)
+        gray *= np.float32(a * (1.0 - s))
+        gray += np.float32(k)
+        img += gray[None]
+        np.clip(img, 0.0, 1.0, out=img)
+        return torch.from_numpy(img), target
 
     def __repr__(self) -> str:
         return (
@@ -297,12 +318,16 @@ class Normalize:
             raise ValueError(f"mean/std: expected 3 values each, std > 0; got {mean}, {std}")
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self._mean = self.mean.numpy()
+        self._inv_std = (1.0 / self.std).numpy()
 
     def __call__(self, image: Image_, target: Target) -> tuple[torch.Tensor, Target]:
         """Normalise the image and the boxes."""
-        img = _to_tensor(image)
-        h, w = _hw(img)
-        img = (img - self.mean) / self.std
+        arr = _to_array(image)
+        h, w = int(arr.shape[1]), int(arr.shape[2])
+        arr -= self._mean
+        arr *= self._inv_std
+        img = torch.from_numpy(arr)
         target = dict(target)
         if "boxes" in target:
             b = target["boxes"]
