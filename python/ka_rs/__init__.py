@@ -33,6 +33,15 @@ _EXPORTS: dict[str, str] = {
     "AggregationHintLoss": "ka_rs.losses.sa",
     "TaskAmalgamationLoss": "ka_rs.losses.ta",
     "amalgamation_weight": "ka_rs.losses.ta",
+    # data
+    "ShapesDataset": "ka_rs.data",
+    "CocoDetection": "ka_rs.data",
+    "VocDetection": "ka_rs.data",
+    "ClassSubset": "ka_rs.data",
+    "get_split": "ka_rs.data",
+    "make_transforms": "ka_rs.data",
+    "collate_fn": "ka_rs.data",
+    "export_shapes": "ka_rs.data",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])
