@@ -313,15 +313,23 @@ fn validate<'a>(
         }
         check_finite(&t.logits, &logits_arg)?;
         check_finite(&t.boxes, &boxes_arg)?;
-        for (bi, image) in t.boxes.outer_iter().enumerate() {
-            for (qi, bx) in image.outer_iter().enumerate() {
-                if bx[2] < 0.0 || bx[3] < 0.0 {
-                    return Err(KaError::invalid(
-                        boxes_arg,
-                        format!("box [{bi}, {qi}] has negative width or height (boxes are cxcywh)"),
-                    ));
-                }
-            }
+        let negative = match t.boxes.as_slice() {
+            Some(s) => s.chunks_exact(4).position(|bx| bx[2] < 0.0 || bx[3] < 0.0),
+            None => t
+                .boxes
+                .lanes(Axis(2))
+                .into_iter()
+                .position(|bx| bx[2] < 0.0 || bx[3] < 0.0),
+        };
+        if let Some(i) = negative {
+            return Err(KaError::invalid(
+                boxes_arg,
+                format!(
+                    "box [{}, {}] has negative width or height (boxes are cxcywh)",
+                    i / q,
+                    i % q
+                ),
+            ));
         }
         out.push(Teacher {
             logits: t.logits,
@@ -335,8 +343,14 @@ fn validate<'a>(
 
 /// Error naming `arg` and the first non-finite entry's index, if any.
 fn check_finite(a: &ArrayView3<'_, f32>, arg: &str) -> KaResult<()> {
-    // Fast scan first; locate the offending entry only on failure.
-    if a.iter().all(|v| v.is_finite()) {
+    // Fast branch-free scan first (an f32 is non-finite exactly when its exponent bits are all
+    // ones; an integer max over them vectorises); locate the offending entry only on failure.
+    const EXP: u32 = 0x7f80_0000;
+    let all_finite = match a.as_slice_memory_order() {
+        Some(s) => s.iter().fold(0u32, |acc, v| acc.max(v.to_bits() & EXP)) < EXP,
+        None => a.iter().all(|v| v.is_finite()),
+    };
+    if all_finite {
         return Ok(());
     }
     match a.indexed_iter().find(|(_, v)| !v.is_finite()) {
@@ -349,7 +363,7 @@ fn check_finite(a: &ArrayView3<'_, f32>, arg: &str) -> KaResult<()> {
 }
 
 /// Arg-max (first maximum) and maximum of a non-empty row.
-fn argmax(row: ArrayView1<'_, f32>) -> (usize, f32) {
+fn argmax(row: &[f32]) -> (usize, f32) {
     let mut best = 0usize;
     let mut max = f32::NEG_INFINITY;
     for (j, &v) in row.iter().enumerate() {
@@ -362,7 +376,7 @@ fn argmax(row: ArrayView1<'_, f32>) -> (usize, f32) {
 }
 
 /// Candidate class and probability of one query, or `None` when it is not a candidate.
-fn candidate(row: ArrayView1<'_, f32>, kind: TeacherKind, threshold: f64) -> Option<(usize, f64)> {
+fn candidate(row: &[f32], kind: TeacherKind, threshold: f64) -> Option<(usize, f64)> {
     let (class, max) = argmax(row);
     let prob = match kind {
         TeacherKind::Softmax => {
@@ -387,7 +401,7 @@ fn select_image(
     let mut cands = Vec::new();
     for (k, t) in teachers.iter().enumerate() {
         let logits: ArrayView2<'_, f32> = t.logits.index_axis(Axis(0), b);
-        for (q, row) in logits.outer_iter().enumerate() {
+        let mut push = |q: usize, row: &[f32]| {
             if let Some((class, score)) = candidate(row, t.kind, config.threshold) {
                 cands.push(Candidate {
                     score,
@@ -395,6 +409,22 @@ fn select_image(
                     query: q,
                     label: t.map[class],
                 });
+            }
+        };
+        match logits.as_slice() {
+            // C-contiguous (what the Python wrapper passes): plain slices.
+            Some(s) if logits.ncols() > 0 => {
+                for (q, row) in s.chunks_exact(logits.ncols()).enumerate() {
+                    push(q, row);
+                }
+            }
+            _ => {
+                let mut scratch = Vec::with_capacity(logits.ncols());
+                for (q, row) in logits.outer_iter().enumerate() {
+                    scratch.clear();
+                    scratch.extend(row.iter().copied());
+                    push(q, &scratch);
+                }
             }
         }
     }
@@ -681,6 +711,57 @@ mod tests {
             assert!(one.scores.windows(2).all(|w| w[0] >= w[1]));
             start += n;
         }
+    }
+
+    #[test]
+    fn strided_views_match_contiguous() {
+        // (Q, B, K) storage viewed as (B, Q, K): not C-contiguous.
+        let (b, q, c) = (3, 7, 4);
+        let mut state = 0x1234_5678_9abc_def1u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 24) as f32
+        };
+        let lt = Array3::from_shape_fn((q, b, c + 1), |_| 4.0 * next() - 2.0);
+        let bt = Array3::from_shape_fn((q, b, 4), |_| 0.1 + 0.5 * next());
+        let lv = lt.view().permuted_axes([1, 0, 2]);
+        let bv = bt.view().permuted_axes([1, 0, 2]);
+        assert!(lv.as_slice().is_none() && bv.as_slice().is_none());
+        let lc = Array3::from_shape_vec(lv.dim(), lv.iter().copied().collect()).unwrap();
+        let bc = Array3::from_shape_vec(bv.dim(), bv.iter().copied().collect()).unwrap();
+        assert!(lc.is_standard_layout() && bc.is_standard_layout());
+        let map = Array1::from_iter(0..c as i64);
+        let config = cfg(c as i64, 0.1, 50, Some(0.5));
+        let strided = TeacherOutputs {
+            logits: lv,
+            boxes: bv,
+            local_to_union: map.view(),
+            kind: TeacherKind::Softmax,
+        };
+        let contiguous = teacher(&lc, &bc, &map, TeacherKind::Softmax);
+        let a = build_pseudo_targets(&[strided], &config).unwrap();
+        let z = build_pseudo_targets(&[contiguous], &config).unwrap();
+        assert!(!a.is_empty());
+        assert_eq!(a, z);
+        // Negative sizes are located in strided boxes too.
+        let mut bt2 = bt.clone();
+        bt2[[5, 2, 3]] = -1.0; // (q=5, b=2) in storage order
+        let strided = TeacherOutputs {
+            boxes: bt2.view().permuted_axes([1, 0, 2]),
+            ..strided
+        };
+        let e = err_of(build_pseudo_targets(&[strided], &config));
+        assert!(e.contains("box [2, 5]"), "{e}");
+        let mut lt2 = lt.clone();
+        lt2[[6, 1, 2]] = f32::NEG_INFINITY;
+        let strided = TeacherOutputs {
+            logits: lt2.view().permuted_axes([1, 0, 2]),
+            ..strided
+        };
+        let e = err_of(build_pseudo_targets(&[strided], &config));
+        assert!(e.contains("-inf at [1, 6, 2]"), "{e}");
     }
 
     fn err_of(r: KaResult<PseudoTargets>) -> String {
