@@ -142,6 +142,8 @@ def test_missing_image_file(tmp_path, caplog):
     assert [(s.kind, s.item) for s in ds.skipped] == [("image", "image id 11")]
     assert "b.jpg" in ds.skipped[0].file
     assert "image id 11" in caplog.text
+    assert ds.num_annotations_of_skipped_images == 2
+    assert "with their 2 annotation(s)" in caplog.text
     # its annotations left with it, also from the evaluation ground truth
     assert {a["image_id"] for a in ds.coco_gt()["annotations"]} == {10}
 

@@ -93,6 +93,8 @@ class CocoDetection(DetectionDataset):
             n_img = sum(s.kind == "image" for s in self.skipped)
             n_ann = sum(s.kind == "annotation" for s in self.skipped)
             self._log_summary(n_img, n_ann)
+        #: annotations left out because their image was skipped (counted, not listed)
+        self.num_annotations_of_skipped_images = self._orphans
 
         dataset = {
             "images": list(images.values()),
@@ -115,9 +117,11 @@ class CocoDetection(DetectionDataset):
 
     def _log_summary(self, n_img: int, n_ann: int) -> None:
         logger.warning(
-            "%s: skipped %d image(s) and %d annotation(s); see .skipped",
+            "%s: skipped %d image(s) (with their %d annotation(s)) and %d other annotation(s); "
+            "see .skipped",
             self.ann_file,
             n_img,
+            self._orphans,
             n_ann,
         )
 
@@ -205,6 +209,7 @@ class CocoDetection(DetectionDataset):
     ) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         seen: set[int] = set()
+        self._orphans = 0
         known_images = {img["id"] for img in raw["images"] if isinstance(img, dict)}
         for k, ann in enumerate(raw.get("annotations", [])):
             if not isinstance(ann, dict) or not _is_int(ann.get("id")):
@@ -222,6 +227,7 @@ class CocoDetection(DetectionDataset):
                 self._fail(item, f"unknown image id {iid!r}", "annotation")
                 continue
             if iid not in images:  # its image was skipped (and reported) already
+                self._orphans += 1
                 continue
             cid = ann.get("category_id")
             if not _is_int(cid) or cid not in self.cat_id_to_label:
