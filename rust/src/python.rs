@@ -6,11 +6,13 @@
 //! Nothing here panics on user input.
 
 use crate::boxes::{self, BoxFormat};
+use crate::cost::{ClassCost, CostParams};
 use crate::error::KaError;
 use crate::lsap;
+use crate::matcher;
 use numpy::{
-    IntoPyArray, PyArray1, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArray,
-    PyUntypedArrayMethods,
+    IntoPyArray, PyArray1, PyArray2, PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArray4,
+    PyUntypedArray, PyUntypedArrayMethods,
 };
 use pyo3::create_exception;
 use pyo3::exceptions::PyValueError;
@@ -200,6 +202,9 @@ fn generalized_box_iou<'py>(
     pairwise_py(py, boxes1, boxes2, true)
 }
 
+/// Two int64 index arrays (rows / cols).
+type IndexPair<'py> = (Bound<'py, PyArray1<i64>>, Bound<'py, PyArray1<i64>>);
+
 fn usize_to_i64(v: Vec<usize>) -> Vec<i64> {
     v.into_iter().map(|x| x as i64).collect()
 }
@@ -248,7 +253,7 @@ fn linear_sum_assignment<'py>(
     py: Python<'py>,
     cost: &Bound<'py, PyAny>,
     maximize: bool,
-) -> PyResult<(Bound<'py, PyArray1<i64>>, Bound<'py, PyArray1<i64>>)> {
+) -> PyResult<IndexPair<'py>> {
     let (rows, cols) = match float2(cost, "cost")? {
         F2::F64(c) => {
             let v = c.as_array();
@@ -266,6 +271,74 @@ fn linear_sum_assignment<'py>(
     ))
 }
 
+/// `(pred_idx, target_idx, counts)` of [`match_layers`].
+type MatchTriple<'py> = (
+    Bound<'py, PyArray1<i64>>,
+    Bound<'py, PyArray1<i64>>,
+    Bound<'py, PyArray2<i64>>,
+);
+
+/// Hungarian matching of L prediction sets × B images in one call (see `matcher.rs`).
+/// Returns flat `pred_idx`, `target_idx` (int64, blocks l-major then b, each sorted by
+/// pred_idx, target_idx local to the image) and `counts` (L, B) int64.
+#[pyfunction]
+#[pyo3(signature = (
+    pred_logits, pred_boxes, target_labels, target_boxes, target_sizes,
+    cost_class=1.0, cost_bbox=5.0, cost_giou=2.0, class_cost="softmax",
+    focal_alpha=0.25, focal_gamma=2.0
+))]
+#[allow(clippy::too_many_arguments)]
+fn match_layers<'py>(
+    py: Python<'py>,
+    pred_logits: &Bound<'py, PyAny>,
+    pred_boxes: &Bound<'py, PyAny>,
+    target_labels: &Bound<'py, PyAny>,
+    target_boxes: &Bound<'py, PyAny>,
+    target_sizes: &Bound<'py, PyAny>,
+    cost_class: f64,
+    cost_bbox: f64,
+    cost_giou: f64,
+    class_cost: &str,
+    focal_alpha: f64,
+    focal_gamma: f64,
+) -> PyResult<MatchTriple<'py>> {
+    let kind = ClassCost::parse(class_cost, focal_alpha, focal_gamma).map_err(to_py)?;
+    let params = CostParams::new(cost_class, cost_bbox, cost_giou, kind).map_err(to_py)?;
+    let logits: PyReadonlyArray4<'py, f32> = typed(
+        pred_logits,
+        "pred_logits",
+        "a 4-D float32 array (L, B, Q, K)",
+    )?;
+    let boxes: PyReadonlyArray4<'py, f32> =
+        typed(pred_boxes, "pred_boxes", "a 4-D float32 array (L, B, Q, 4)")?;
+    let labels: PyReadonlyArray1<'py, i64> =
+        typed(target_labels, "target_labels", "a 1-D int64 array (sumT,)")?;
+    let tboxes: PyReadonlyArray2<'py, f32> = typed(
+        target_boxes,
+        "target_boxes",
+        "a 2-D float32 array (sumT, 4)",
+    )?;
+    let sizes: PyReadonlyArray1<'py, i64> =
+        typed(target_sizes, "target_sizes", "a 1-D int64 array (B,)")?;
+    let (lv, bv, labv, tbv, sv) = (
+        logits.as_array(),
+        boxes.as_array(),
+        labels.as_array(),
+        tboxes.as_array(),
+        sizes.as_array(),
+    );
+    let out = py
+        .detach(|| matcher::match_layers(lv, bv, labv, tbv, sv, &params))
+        .map_err(to_py)?;
+    let counts = numpy::ndarray::Array2::from_shape_vec((out.layers, out.images), out.counts)
+        .map_err(|e| invalid("pred_logits", e.to_string()))?;
+    Ok((
+        PyArray1::from_vec(py, out.pred_idx),
+        PyArray1::from_vec(py, out.target_idx),
+        counts.into_pyarray(py),
+    ))
+}
+
 #[pymodule(name = "_native", module = "ka_rs")]
 fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add(
@@ -277,6 +350,7 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(generalized_box_iou, m)?)?;
     m.add_function(wrap_pyfunction!(batched_nms, m)?)?;
     m.add_function(wrap_pyfunction!(linear_sum_assignment, m)?)?;
+    m.add_function(wrap_pyfunction!(match_layers, m)?)?;
     register_targets(m)?; // KA pseudo-targets (targets.rs)
     Ok(())
 }
