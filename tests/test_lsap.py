@@ -240,7 +240,7 @@ matrices = hnp.arrays(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(cost=matrices, maximize=st.booleans())
 def test_property_same_total_as_scipy(cost, maximize):
     assert_same_as_scipy(cost, maximize=maximize)
