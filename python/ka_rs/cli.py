@@ -23,7 +23,10 @@ from collections.abc import Sequence
 __all__ = ["SUBCOMMAND_MODULES", "UserError", "build_parser", "main"]
 
 #: Modules contributing subcommands (each has ``register(subparsers)``).
-SUBCOMMAND_MODULES: tuple[str, ...] = ("ka_rs.engine.commands",)
+SUBCOMMAND_MODULES: tuple[str, ...] = (
+    "ka_rs.engine.commands",
+    "ka_rs.engine.amalgamate_commands",  # amalgamate, demo, ablate
+)
 
 
 class UserError(Exception):
