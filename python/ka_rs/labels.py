@@ -382,6 +382,8 @@ def build_pseudo_targets(
     kind_list = _kind_list(label_space, kinds)
     threshold = _number(threshold, "threshold", float)
     top_n = _number(top_n, "top_n", int)
+    if top_n > 2**62:  # "at most top_n": anything this large means no cut (fits an i64)
+        top_n = 2**62
     fill_logit = _number(fill_logit, "fill_logit", float)
     if nms_iou is not None:
         nms_iou = _number(nms_iou, "nms_iou", float)
