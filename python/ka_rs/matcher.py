@@ -358,6 +358,41 @@ class HungarianMatcher:
         targets: Sequence[Mapping[str, Any]],
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Concatenate per-image targets into (ΣT,) int64 labels, (ΣT, 4) f32 boxes, (B,) sizes."""
+        fast = HungarianMatcher._targets_fast(targets)
+        return fast if fast is not None else HungarianMatcher._targets_checked(targets)
+
+    @staticmethod
+    def _targets_fast(
+        targets: Sequence[Mapping[str, Any]],
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """The common case (torch tensors of the right ranks, one device) with one ``torch.cat``
+        per field and one transfer; None sends anything unusual to :meth:`_targets_checked`."""
+        try:
+            labels = [t["labels"] for t in targets]
+            boxes = [t["boxes"] for t in targets]
+            sizes = np.empty(len(labels), dtype=np.int64)
+            for i, (lab, box) in enumerate(zip(labels, boxes, strict=True)):
+                if not (type(lab) is torch.Tensor and type(box) is torch.Tensor):
+                    return None
+                n = lab.shape[0] if lab.dim() == 1 else -1
+                if box.shape != (n, 4):
+                    return None
+                sizes[i] = n
+            lab = torch.cat(labels)  # small: serial, no intra-op pool
+            box = torch.cat(boxes)
+        except Exception:  # missing keys, mixed devices, ...: the checked path names the problem
+            return None
+        if not _is_int(lab) or not box.is_floating_point():
+            return None
+        lab = lab.cpu() if lab.dtype == torch.int64 else lab.cpu().to(torch.int64)
+        box = box.cpu() if box.dtype == torch.float32 else box.cpu().to(torch.float32)
+        return lab.numpy(), box.numpy(), sizes
+
+    @staticmethod
+    def _targets_checked(
+        targets: Sequence[Mapping[str, Any]],
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per-image validation (any array kind) with errors naming ``targets[i][key]``."""
         labels: list[_Array] = []
         boxes: list[_Array] = []
         sizes = np.empty(len(targets), dtype=np.int64)
