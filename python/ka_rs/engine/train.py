@@ -73,6 +73,7 @@ __all__ = [
     "TrainResult",
     "TrainState",
     "build_datasets",
+    "build_teacher_loop",
     "build_optimizer",
     "build_scheduler",
     "move_targets",
@@ -251,6 +252,7 @@ class TrainLoop:
                 f"process(es) exceeds the {len(self.dataset)} training images"
             )
         self.metrics: MetricsWriter | None = None
+        self.last_eval_result: Any = None
 
     # -- checkpoints
 
@@ -359,8 +361,12 @@ class TrainLoop:
             total = min(total, self.train_cfg.max_steps)
         return total
 
-    def train_step(self, batch: Batch) -> tuple[dict[str, float], float]:
-        """One optimiser step on ``batch``; returns (loss components as floats, grad norm)."""
+    def compute_gradients(self, batch: Batch) -> dict[str, float]:
+        """Forward + backward on ``batch`` (gradients averaged over ranks by DDP), no step.
+
+        Returns the loss components as floats. Raises ``FloatingPointError`` naming the step
+        when the loss is not finite.
+        """
         images, mask, targets = batch
         dev = self.info.device
         images = images.to(dev, non_blocking=True)
@@ -369,20 +375,25 @@ class TrainLoop:
         self.model.train()
         losses = self.loss_fn(self.model, images, mask, targets)
         loss = losses["loss"]
-        if not torch.isfinite(loss):
-            comps = {k: float(v) for k, v in losses.items()}
+        comps = {
+            k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in losses.items()
+        }
+        if not math.isfinite(comps["loss"]):
             raise FloatingPointError(
-                f"loss is {float(loss)} at step {self.state.step + 1}; stopping "
+                f"loss is {comps['loss']} at step {self.state.step + 1}; stopping "
                 f"(components: {comps})"
             )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        return comps
+
+    def train_step(self, batch: Batch) -> tuple[dict[str, float], float]:
+        """One optimiser step on ``batch``; returns (loss components as floats, grad norm)."""
+        comps = self.compute_gradients(batch)
         max_norm = self.optim_cfg.clip_max_norm if self.optim_cfg.clip_max_norm > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         self.optimizer.step()
-        return {
-            k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in losses.items()
-        }, float(grad_norm)
+        return comps, float(grad_norm)
 
     def run_evaluation(self) -> dict[str, float]:
         """Call ``evaluate_fn`` (all ranks), log an ``eval`` record, remember the result."""
@@ -719,6 +730,57 @@ def _preset_hints(preset: str) -> dict[str, Any]:
         return {}
 
 
+def build_teacher_loop(config: Config, info: DistInfo) -> TrainLoop:
+    """Data, DETR, set criterion, optimiser and COCO evaluation for one teacher, as a loop.
+
+    ``loop.last_eval_result`` holds the latest full :class:`~ka_rs.engine.evaluate.EvalResult`.
+    Seeds torch with ``train.seed`` first, so the initial weights depend on the seed only.
+    """
+    from ka_rs.engine.evaluate import evaluate, make_eval_loader
+    from ka_rs.losses import build_criterion
+    from ka_rs.models import build_model
+
+    config.validate()
+    torch.manual_seed(config.train.seed)
+    hints = _preset_hints(config.model.preset)
+    train_ds, val_ds, class_names = build_datasets(
+        config.data, image_size=int(hints.get("image_size", 128))
+    )
+    model = build_model(config.model.preset, len(class_names), **config.model.overrides)
+    model.to(info.device)
+    criterion = build_criterion(model.config).to(info.device)
+
+    def loss_fn(
+        net: nn.Module, images: torch.Tensor, mask: torch.Tensor, targets: list[dict]
+    ) -> dict[str, Any]:
+        losses = criterion(net(images, mask), targets)
+        # log the total and the final layer's components (not every auxiliary layer's)
+        return {k: v for k, v in losses.items() if not k[-1].isdigit()}
+
+    eval_bs = config.train.eval_batch_size or 2 * config.train.batch_size
+    val_loader = make_eval_loader(val_ds, eval_bs, config.train.num_workers, info)
+    # worker seeds from a private generator: evaluation never touches the global RNG
+    val_loader.generator = torch.Generator().manual_seed(config.train.seed)
+
+    def evaluate_fn(loop: TrainLoop) -> dict[str, float]:
+        res = evaluate(loop.model, val_loader, class_names, device=info.device)
+        loop.last_eval_result = res
+        return res.metrics
+
+    return TrainLoop(
+        model,
+        train_ds,
+        loss_fn,
+        optim=config.optim,
+        train=config.train,
+        class_names=class_names,
+        config_dict=config.to_dict(),
+        evaluate_fn=evaluate_fn,
+        info=info,
+        kind="teacher",
+    )
+
+
 def train_teacher(
     config: Config,
     *,
@@ -737,60 +799,18 @@ def train_teacher(
     Returns:
         :class:`TrainResult` on every rank (the final evaluation is the same everywhere).
     """
-    from ka_rs.engine.evaluate import evaluate, make_eval_loader
-    from ka_rs.losses import build_criterion
-    from ka_rs.models import build_model
-
     config.validate()
     own_dist = info is None
     info = info or init_distributed(config.train.device)
     setup_logging(info.rank)
     try:
-        torch.manual_seed(config.train.seed)
-        hints = _preset_hints(config.model.preset)
-        train_ds, val_ds, class_names = build_datasets(
-            config.data, image_size=int(hints.get("image_size", 128))
-        )
-        model = build_model(config.model.preset, len(class_names), **config.model.overrides)
-        model.to(info.device)
-        criterion = build_criterion(model.config).to(info.device)
-
-        def loss_fn(
-            net: nn.Module, images: torch.Tensor, mask: torch.Tensor, targets: list[dict]
-        ) -> dict[str, Any]:
-            losses = criterion(net(images, mask), targets)
-            # log the total and the final layer's components (not every auxiliary layer's)
-            return {k: v for k, v in losses.items() if not k[-1].isdigit()}
-
-        eval_bs = config.train.eval_batch_size or 2 * config.train.batch_size
-        val_loader = make_eval_loader(val_ds, eval_bs, config.train.num_workers, info)
-        val_loader.generator = torch.Generator().manual_seed(config.train.seed)
-
-        last: dict[str, Any] = {}
-
-        def evaluate_fn(loop: TrainLoop) -> dict[str, float]:
-            res = evaluate(loop.model, val_loader, class_names, device=info.device)
-            last["result"] = res
-            return res.metrics
-
-        loop = TrainLoop(
-            model,
-            train_ds,
-            loss_fn,
-            optim=config.optim,
-            train=config.train,
-            class_names=class_names,
-            config_dict=config.to_dict(),
-            evaluate_fn=evaluate_fn,
-            info=info,
-            kind="teacher",
-        )
+        loop = build_teacher_loop(config, info)
         if resume:
             path = loop.checkpoint_path if resume is True else Path(resume)
             loop.resume(path)
         result = loop.fit()
-        if info.is_main and "result" in last:
-            (loop.output_dir / "eval.json").write_text(last["result"].to_json())
+        if info.is_main and loop.last_eval_result is not None:
+            (loop.output_dir / "eval.json").write_text(loop.last_eval_result.to_json())
         return result
     finally:
         if own_dist:
