@@ -263,6 +263,39 @@ pub fn build_block(
     params: &CostParams,
     id: BlockId,
 ) -> KaResult<()> {
+    build_block_impl(ws, logits, k, boxes, labels, tboxes, params, id, use_avx2())
+}
+
+/// True when the CPU has AVX2 and FMA: the hot loops then use the 8-lane kernels of
+/// [`avx2`]. Checked once.
+#[inline]
+pub(crate) fn use_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *AVX2.get_or_init(|| {
+            std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn build_block_impl(
+    ws: &mut CostWorkspace,
+    logits: &[f32],
+    k: usize,
+    boxes: &[f32],
+    labels: &[usize],
+    tboxes: &[f32],
+    params: &CostParams,
+    id: BlockId,
+    simd: bool,
+) -> KaResult<()> {
     let q = boxes.len() / 4;
     let t = labels.len();
     debug_assert_eq!(logits.len(), q * k);
@@ -289,48 +322,106 @@ pub fn build_block(
     ws.class_rows.clear();
     ws.class_rows.resize(nu * q, 0.0);
     match params.class_cost {
-        ClassCost::Softmax => softmax_rows(ws, logits, k, q, id)?,
+        ClassCost::Softmax => softmax_rows(ws, logits, k, q, id, simd)?,
         ClassCost::Focal { alpha, gamma } => {
             check_finite(logits, k, id)?;
-            focal_rows(ws, logits, k, q, alpha, gamma);
+            focal_rows(ws, logits, k, q, alpha, gamma, simd);
         }
     }
     // assemble T×Q
     ws.cost.clear();
     ws.cost.resize(t * q, 0.0);
-    let (wc, wb, wg) = (params.cost_class, params.cost_bbox, params.cost_giou);
+    let wts = [params.cost_class, params.cost_bbox, params.cost_giou];
     let [cx, cy, w, h, x1, y1, x2, y2, area] = &ws.soa;
-    let (cx, cy, w, h) = (&cx[..q], &cy[..q], &w[..q], &h[..q]);
-    let (x1, y1, x2, y2, area) = (&x1[..q], &y1[..q], &x2[..q], &y2[..q], &area[..q]);
+    let pred = Preds {
+        cx: &cx[..q],
+        cy: &cy[..q],
+        w: &w[..q],
+        h: &h[..q],
+        x1: &x1[..q],
+        y1: &y1[..q],
+        x2: &x2[..q],
+        y2: &y2[..q],
+        area: &area[..q],
+    };
     for (ti, out) in ws.cost.chunks_exact_mut(q.max(1)).take(t).enumerate() {
         let tb = &tboxes[ti * 4..ti * 4 + 4];
-        let (tcx, tcy, tw, th) = (tb[0], tb[1], tb[2], tb[3]);
-        let (tx1, ty1, tx2, ty2) = (
-            tcx - 0.5 * tw,
-            tcy - 0.5 * th,
-            tcx + 0.5 * tw,
-            tcy + 0.5 * th,
-        );
-        let tarea = (tx2 - tx1) * (ty2 - ty1);
+        let tgt = Target::new([tb[0], tb[1], tb[2], tb[3]]);
         let slot = ws.slot_of_target[ti];
         let cc = &ws.class_rows[slot * q..slot * q + q];
         let out = &mut out[..q];
-        for j in 0..q {
-            let l1 =
-                (cx[j] - tcx).abs() + (cy[j] - tcy).abs() + (w[j] - tw).abs() + (h[j] - th).abs();
-            let iw = mx(mn(x2[j], tx2) - mx(x1[j], tx1), 0.0);
-            let ih = mx(mn(y2[j], ty2) - mx(y1[j], ty1), 0.0);
-            let inter = iw * ih;
-            let union = area[j] + tarea - inter;
-            let iou = sel(union > 0.0, inter / union, 0.0);
-            let c = (mx(x2[j], tx2) - mn(x1[j], tx1)) * (mx(y2[j], ty2) - mn(y1[j], ty1));
-            let giou = sel(c > 0.0, iou - (c - union) / c, iou);
-            out[j] = (wb * l1 + wc * cc[j] - wg * giou) as f64;
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // SAFETY: `simd` is true only when the CPU supports AVX2 and FMA.
+            unsafe { avx2::block_row(&pred, &tgt, cc, wts, out) };
+            continue;
         }
+        block_row(&pred, &tgt, cc, wts, out, 0);
     }
     Ok(())
 }
 
+/// One image's predictions as structure-of-arrays (all slices of length Q).
+struct Preds<'a> {
+    cx: &'a [f32],
+    cy: &'a [f32],
+    w: &'a [f32],
+    h: &'a [f32],
+    x1: &'a [f32],
+    y1: &'a [f32],
+    x2: &'a [f32],
+    y2: &'a [f32],
+    area: &'a [f32],
+}
+
+/// One target box in both formats.
+struct Target {
+    cxcywh: [f32; 4],
+    xyxy: [f32; 4],
+    area: f32,
+}
+
+impl Target {
+    fn new(b: [f32; 4]) -> Self {
+        let xyxy = [
+            b[0] - 0.5 * b[2],
+            b[1] - 0.5 * b[3],
+            b[0] + 0.5 * b[2],
+            b[1] + 0.5 * b[3],
+        ];
+        let area = (xyxy[2] - xyxy[0]) * (xyxy[3] - xyxy[1]);
+        Target {
+            cxcywh: b,
+            xyxy,
+            area,
+        }
+    }
+}
+
+/// Scalar kernel: `out[j] = wb·L1 + wc·cc[j] − wg·GIoU` for queries `from..`.
+#[inline(always)]
+fn block_row(p: &Preds<'_>, t: &Target, cc: &[f32], wts: [f32; 3], out: &mut [f64], from: usize) {
+    let [wc, wb, wg] = wts;
+    let [tcx, tcy, tw, th] = t.cxcywh;
+    let [tx1, ty1, tx2, ty2] = t.xyxy;
+    let tarea = t.area;
+    for j in from..out.len() {
+        let l1 = (p.cx[j] - tcx).abs()
+            + (p.cy[j] - tcy).abs()
+            + (p.w[j] - tw).abs()
+            + (p.h[j] - th).abs();
+        let iw = mx(mn(p.x2[j], tx2) - mx(p.x1[j], tx1), 0.0);
+        let ih = mx(mn(p.y2[j], ty2) - mx(p.y1[j], ty1), 0.0);
+        let inter = iw * ih;
+        let union = p.area[j] + tarea - inter;
+        let iou = sel(union > 0.0, inter / union, 0.0);
+        let c = (mx(p.x2[j], tx2) - mn(p.x1[j], tx1)) * (mx(p.y2[j], ty2) - mn(p.y1[j], ty1));
+        let giou = sel(c > 0.0, iou - (c - union) / c, iou);
+        out[j] = (wb * l1 + wc * cc[j] - wg * giou) as f64;
+    }
+}
+
+#[inline(always)]
 fn fill_pred_soa(ws: &mut CostWorkspace, boxes: &[f32], id: BlockId) -> KaResult<()> {
     let q = boxes.len() / 4;
     for v in ws.soa.iter_mut() {
@@ -405,6 +496,7 @@ fn logits_error(k: usize, logits: &[f32], id: BlockId) -> KaError {
     )
 }
 
+#[inline(always)]
 fn check_finite(logits: &[f32], k: usize, id: BlockId) -> KaResult<()> {
     // x * 0 is NaN exactly for non-finite x; a lane-wise sum vectorises.
     let mut acc = [0.0f32; 8];
@@ -429,6 +521,7 @@ fn softmax_rows(
     k: usize,
     q: usize,
     id: BlockId,
+    simd: bool,
 ) -> KaResult<()> {
     if k == 0 {
         return Ok(());
@@ -437,43 +530,12 @@ fn softmax_rows(
     ws.buf.resize(k, 0.0);
     let nu = ws.labels_u.len();
     for (qi, row) in logits.chunks_exact(k).take(q).enumerate() {
-        // max and finiteness, 8 lanes
-        let mut mx = [f32::NEG_INFINITY; 8];
-        let mut fin = [0.0f32; 8];
-        let mut chunks = row.chunks_exact(8);
-        for c in &mut chunks {
-            for l in 0..8 {
-                mx[l] = sel(c[l] > mx[l], c[l], mx[l]);
-                fin[l] += c[l] * 0.0;
-            }
-        }
-        let mut m = f32::NEG_INFINITY;
-        let mut f = 0.0f32;
-        for &x in chunks.remainder() {
-            m = sel(x > m, x, m);
-            f += x * 0.0;
-        }
-        for l in 0..8 {
-            m = sel(mx[l] > m, mx[l], m);
-            f += fin[l];
-        }
-        if f != 0.0 {
-            return Err(logits_error(k, logits, id));
-        }
-        // exps and their sum
         let buf = &mut ws.buf[..k];
-        for (b, &x) in buf.iter_mut().zip(row) {
-            *b = fast_exp(x - m);
-        }
-        let mut s8 = [0.0f32; 8];
-        let mut chunks = buf.chunks_exact(8);
-        for c in &mut chunks {
-            for l in 0..8 {
-                s8[l] += c[l];
-            }
-        }
-        let s: f32 = s8.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>();
-        let inv = 1.0 / s;
+        let sum = softmax_denominator(row, buf, simd);
+        let Some(sum) = sum else {
+            return Err(logits_error(k, logits, id));
+        };
+        let inv = 1.0 / sum;
         for u in 0..nu {
             ws.class_rows[u * q + qi] = -(buf[ws.labels_u[u]] * inv);
         }
@@ -481,8 +543,55 @@ fn softmax_rows(
     Ok(())
 }
 
+/// Writes `exp(row - max(row))` into `buf` and returns its sum, or `None` when `row` holds a
+/// non-finite value.
+#[inline]
+fn softmax_denominator(row: &[f32], buf: &mut [f32], simd: bool) -> Option<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: `simd` is true only when the CPU supports AVX2 and FMA.
+        return unsafe { avx2::softmax_denominator(row, buf) };
+    }
+    let _ = simd;
+    scalar_softmax_denominator(row, buf, 0, f32::NEG_INFINITY, 0.0)
+}
+
+/// Scalar tail / fallback: continues from index `from` with the running max `m` and
+/// finiteness accumulator `fin` of the elements before it, then exponentiates everything.
+#[inline(always)]
+fn scalar_softmax_denominator(
+    row: &[f32],
+    buf: &mut [f32],
+    from: usize,
+    mut m: f32,
+    mut fin: f32,
+) -> Option<f32> {
+    for &x in &row[from..] {
+        m = mx(x, m);
+        fin += x * 0.0;
+    }
+    if fin != 0.0 || fin.is_nan() {
+        return None;
+    }
+    let mut s = 0.0f32;
+    for (b, &x) in buf.iter_mut().zip(row) {
+        let e = fast_exp(x - m);
+        *b = e;
+        s += e;
+    }
+    Some(s)
+}
+
 /// Focal class rows: class_rows[u][q] = focal cost of label_u for query q.
-fn focal_rows(ws: &mut CostWorkspace, logits: &[f32], k: usize, q: usize, alpha: f32, gamma: f32) {
+fn focal_rows(
+    ws: &mut CostWorkspace,
+    logits: &[f32],
+    k: usize,
+    q: usize,
+    alpha: f32,
+    gamma: f32,
+    simd: bool,
+) {
     let gamma_kind: u8 = if gamma == gamma.round() && (0.0..=4.0).contains(&gamma) {
         gamma as u8
     } else {
@@ -493,13 +602,312 @@ fn focal_rows(ws: &mut CostWorkspace, logits: &[f32], k: usize, q: usize, alpha:
         for (qi, out) in row.iter_mut().enumerate() {
             *out = logits[qi * k + lab];
         }
-        for out in row.iter_mut() {
-            let x = *out;
-            let p = 1.0 / (1.0 + fast_exp(-x));
-            let neg = (1.0 - alpha) * powf_gamma(p, gamma, gamma_kind) * -fast_ln(1.0 - p + 1e-8);
-            let pos = alpha * powf_gamma(1.0 - p, gamma, gamma_kind) * -fast_ln(p + 1e-8);
-            *out = pos - neg;
+        #[cfg(target_arch = "x86_64")]
+        if simd && gamma_kind <= 4 {
+            // SAFETY: `simd` is true only when the CPU supports AVX2 and FMA.
+            unsafe { avx2::focal_inplace(row, alpha, gamma_kind) };
+            continue;
         }
+        let _ = simd;
+        focal_inplace(row, alpha, gamma, gamma_kind, 0);
+    }
+}
+
+/// Scalar kernel: replace logits by their focal class cost, from index `from` on.
+#[inline(always)]
+fn focal_inplace(xs: &mut [f32], alpha: f32, gamma: f32, gamma_kind: u8, from: usize) {
+    for out in xs[from..].iter_mut() {
+        let x = *out;
+        let p = 1.0 / (1.0 + fast_exp(-x));
+        let neg = (1.0 - alpha) * powf_gamma(p, gamma, gamma_kind) * -fast_ln(1.0 - p + 1e-8);
+        let pos = alpha * powf_gamma(1.0 - p, gamma, gamma_kind) * -fast_ln(p + 1e-8);
+        *out = pos - neg;
+    }
+}
+
+/// AVX2 + FMA versions of the hot kernels (8 f32 lanes). Same formulas as the scalar
+/// kernels; results agree to a few ulp (FMA rounding).
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{Preds, Target};
+    use std::arch::x86_64::*;
+
+    /// Load 8 floats from `s[i..i + 8]` (bounds-checked).
+    #[inline(always)]
+    fn ld(s: &[f32], i: usize) -> __m256 {
+        let s = &s[i..i + 8];
+        // SAFETY: `s` holds exactly 8 readable f32 (checked by the slice above); unaligned
+        // loads are allowed. Only reached from functions compiled with AVX enabled.
+        unsafe { _mm256_loadu_ps(s.as_ptr()) }
+    }
+
+    /// Store 8 floats to `s[i..i + 8]` (bounds-checked).
+    #[inline(always)]
+    fn st(s: &mut [f32], i: usize, v: __m256) {
+        let s = &mut s[i..i + 8];
+        // SAFETY: `s` holds exactly 8 writable f32 (checked by the slice above).
+        unsafe { _mm256_storeu_ps(s.as_mut_ptr(), v) }
+    }
+
+    /// Store 8 floats widened to f64 at `s[i..i + 8]` (bounds-checked).
+    #[inline(always)]
+    fn st_f64(s: &mut [f64], i: usize, v: __m256) {
+        let s = &mut s[i..i + 8];
+        // SAFETY: `s` holds exactly 8 writable f64 (checked by the slice above); the two
+        // halves go to s[0..4] and s[4..8]. Only reached with AVX enabled.
+        unsafe {
+            _mm256_storeu_pd(s.as_mut_ptr(), _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+            _mm256_storeu_pd(
+                s.as_mut_ptr().add(4),
+                _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)),
+            );
+        }
+    }
+
+    #[inline(always)]
+    fn splat(x: f32) -> __m256 {
+        // SAFETY: AVX register op, only reached with AVX enabled.
+        unsafe { _mm256_set1_ps(x) }
+    }
+
+    /// 8-lane `fast_exp` (same constants as the scalar one).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn exp8(x: __m256) -> __m256 {
+        let x = _mm256_max_ps(_mm256_min_ps(x, splat(88.0)), splat(-87.3));
+        let magic = splat(12_582_912.0);
+        let y = _mm256_fmadd_ps(x, splat(std::f32::consts::LOG2_E), magic);
+        let n_bits = _mm256_sub_epi32(_mm256_castps_si256(y), _mm256_castps_si256(magic));
+        let n = _mm256_sub_ps(y, magic);
+        let r = _mm256_fnmadd_ps(n, splat(0.693_359_4), x);
+        let r = _mm256_fnmadd_ps(n, splat(-2.121_944_4e-4), r);
+        let r2 = _mm256_mul_ps(r, r);
+        let mut p = _mm256_fmadd_ps(splat(1.987_569_1e-4), r, splat(1.398_199_9e-3));
+        p = _mm256_fmadd_ps(p, r, splat(8.333_452e-3));
+        p = _mm256_fmadd_ps(p, r, splat(4.166_579_6e-2));
+        p = _mm256_fmadd_ps(p, r, splat(1.666_666_5e-1));
+        p = _mm256_fmadd_ps(p, r, splat(0.5));
+        let e = _mm256_add_ps(_mm256_fmadd_ps(p, r2, r), splat(1.0));
+        let scale = _mm256_slli_epi32(_mm256_add_epi32(n_bits, _mm256_set1_epi32(127)), 23);
+        _mm256_mul_ps(e, _mm256_castsi256_ps(scale))
+    }
+
+    /// 8-lane `fast_ln` for normal positive inputs.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn ln8(x: __m256) -> __m256 {
+        let bits = _mm256_castps_si256(x);
+        let e = _mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(127));
+        let m = _mm256_castsi256_ps(_mm256_or_si256(
+            _mm256_and_si256(bits, _mm256_set1_epi32(0x007f_ffff)),
+            _mm256_set1_epi32(0x3f80_0000),
+        ));
+        let big = _mm256_cmp_ps(m, splat(std::f32::consts::SQRT_2), _CMP_GT_OQ);
+        let m = _mm256_blendv_ps(m, _mm256_mul_ps(m, splat(0.5)), big);
+        let e = _mm256_sub_epi32(e, _mm256_castps_si256(big)); // big lanes are -1: e += 1
+        let f = _mm256_sub_ps(m, splat(1.0));
+        let z = _mm256_mul_ps(f, f);
+        let mut y = _mm256_fmadd_ps(splat(7.037_683_6e-2), f, splat(-1.151_461e-1));
+        y = _mm256_fmadd_ps(y, f, splat(1.167_699_9e-1));
+        y = _mm256_fmadd_ps(y, f, splat(-1.242_014_1e-1));
+        y = _mm256_fmadd_ps(y, f, splat(1.424_932_3e-1));
+        y = _mm256_fmadd_ps(y, f, splat(-1.666_805_8e-1));
+        y = _mm256_fmadd_ps(y, f, splat(2.000_071_4e-1));
+        y = _mm256_fmadd_ps(y, f, splat(-2.499_999_4e-1));
+        y = _mm256_fmadd_ps(y, f, splat(3.333_333e-1));
+        y = _mm256_mul_ps(_mm256_mul_ps(y, f), z);
+        let ef = _mm256_cvtepi32_ps(e);
+        y = _mm256_fmadd_ps(ef, splat(-2.121_944_4e-4), y);
+        y = _mm256_fmadd_ps(z, splat(-0.5), y);
+        _mm256_fmadd_ps(ef, splat(0.693_359_4), _mm256_add_ps(f, y))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn hmax(v: __m256) -> f32 {
+        let s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_max_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+
+    /// Lane mask selecting the first `n` (< 8) lanes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn tail_mask(n: usize) -> __m256i {
+        let idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), idx)
+    }
+
+    /// Load the `n = s.len() - i` (< 8) trailing floats, zero in the other lanes.
+    #[inline(always)]
+    fn ld_tail(s: &[f32], i: usize, mask: __m256i) -> __m256 {
+        let s = &s[i..];
+        debug_assert!(s.len() < 8);
+        // SAFETY: maskload reads only the lanes selected by `mask`, which are the first
+        // s.len() lanes (see `tail_mask`), all inside `s`. Only reached with AVX enabled.
+        unsafe { _mm256_maskload_ps(s.as_ptr(), mask) }
+    }
+
+    /// Store the first `n = s.len() - i` (< 8) lanes of `v` to the tail of `s`.
+    #[inline(always)]
+    fn st_tail(s: &mut [f32], i: usize, mask: __m256i, v: __m256) {
+        let s = &mut s[i..];
+        debug_assert!(s.len() < 8);
+        // SAFETY: maskstore writes only the lanes selected by `mask`, the first s.len()
+        // lanes, all inside `s`. Only reached with AVX enabled.
+        unsafe { _mm256_maskstore_ps(s.as_mut_ptr(), mask, v) }
+    }
+
+    /// See `super::softmax_denominator`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn softmax_denominator(row: &[f32], buf: &mut [f32]) -> Option<f32> {
+        let k = row.len().min(buf.len());
+        let (row, buf) = (&row[..k], &mut buf[..k]);
+        let k8 = k - k % 8;
+        let mask = tail_mask(k - k8);
+        let zero = _mm256_setzero_ps();
+        let ninf = splat(f32::NEG_INFINITY);
+        let mut vm = ninf;
+        let mut vf = zero;
+        let mut i = 0;
+        while i < k8 {
+            let x = ld(row, i);
+            vm = _mm256_max_ps(x, vm);
+            vf = _mm256_add_ps(vf, _mm256_mul_ps(x, zero));
+            i += 8;
+        }
+        if k8 < k {
+            let x = ld_tail(row, k8, mask); // masked lanes are 0: neutral for the check
+            vm = _mm256_max_ps(_mm256_blendv_ps(ninf, x, _mm256_castsi256_ps(mask)), vm);
+            vf = _mm256_add_ps(vf, _mm256_mul_ps(x, zero));
+        }
+        let fin = hsum(vf);
+        if fin != 0.0 || fin.is_nan() {
+            return None;
+        }
+        let vmax = splat(hmax(vm));
+        let mut vs = zero;
+        let mut i = 0;
+        while i < k8 {
+            let e = exp8(_mm256_sub_ps(ld(row, i), vmax));
+            st(buf, i, e);
+            vs = _mm256_add_ps(vs, e);
+            i += 8;
+        }
+        if k8 < k {
+            let e = exp8(_mm256_sub_ps(ld_tail(row, k8, mask), vmax));
+            let e = _mm256_and_ps(e, _mm256_castsi256_ps(mask));
+            st_tail(buf, k8, mask, e);
+            vs = _mm256_add_ps(vs, e);
+        }
+        Some(hsum(vs))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn pow8(x: __m256, kind: u8) -> __m256 {
+        match kind {
+            0 => splat(1.0),
+            1 => x,
+            2 => _mm256_mul_ps(x, x),
+            3 => _mm256_mul_ps(_mm256_mul_ps(x, x), x),
+            _ => {
+                let x2 = _mm256_mul_ps(x, x);
+                _mm256_mul_ps(x2, x2)
+            }
+        }
+    }
+
+    /// See `super::focal_inplace` (integer γ in 0..=4 only).
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn focal_inplace(xs: &mut [f32], alpha: f32, gamma_kind: u8) {
+        let n8 = xs.len() - xs.len() % 8;
+        let one = splat(1.0);
+        let eps = splat(1e-8);
+        let (va, vna) = (splat(alpha), splat(1.0 - alpha));
+        let neg_zero = splat(-0.0);
+        let mut i = 0;
+        while i < n8 {
+            let x = ld(xs, i);
+            let p = _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_xor_ps(x, neg_zero))));
+            let q = _mm256_sub_ps(one, p);
+            let ln_neg = ln8(_mm256_add_ps(q, eps));
+            let ln_pos = ln8(_mm256_add_ps(p, eps));
+            // neg = (1-α) p^γ (−ln(1−p+ε)); pos = α (1−p)^γ (−ln(p+ε)); cost = pos − neg
+            let neg = _mm256_mul_ps(_mm256_mul_ps(vna, pow8(p, gamma_kind)), ln_neg);
+            let pos = _mm256_mul_ps(_mm256_mul_ps(va, pow8(q, gamma_kind)), ln_pos);
+            st(xs, i, _mm256_sub_ps(neg, pos));
+            i += 8;
+        }
+        super::focal_inplace(xs, alpha, gamma_kind as f32, gamma_kind, n8);
+    }
+
+    /// See `super::block_row`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn block_row(p: &Preds<'_>, t: &Target, cc: &[f32], wts: [f32; 3], out: &mut [f64]) {
+        let q = out.len();
+        let q8 = q - q % 8;
+        let [tcx, tcy, tw, th] = t.cxcywh.map(splat);
+        let [tx1, ty1, tx2, ty2] = t.xyxy.map(splat);
+        let tarea = splat(t.area);
+        let [wc, wb, wg] = wts.map(splat);
+        let zero = _mm256_setzero_ps();
+        let sign = splat(-0.0);
+        let abs = |v: __m256| _mm256_andnot_ps(sign, v);
+        let mut j = 0;
+        while j < q8 {
+            let l1 = _mm256_add_ps(
+                _mm256_add_ps(
+                    abs(_mm256_sub_ps(ld(p.cx, j), tcx)),
+                    abs(_mm256_sub_ps(ld(p.cy, j), tcy)),
+                ),
+                _mm256_add_ps(
+                    abs(_mm256_sub_ps(ld(p.w, j), tw)),
+                    abs(_mm256_sub_ps(ld(p.h, j), th)),
+                ),
+            );
+            let (x1, y1, x2, y2) = (ld(p.x1, j), ld(p.y1, j), ld(p.x2, j), ld(p.y2, j));
+            let iw = _mm256_max_ps(
+                _mm256_sub_ps(_mm256_min_ps(x2, tx2), _mm256_max_ps(x1, tx1)),
+                zero,
+            );
+            let ih = _mm256_max_ps(
+                _mm256_sub_ps(_mm256_min_ps(y2, ty2), _mm256_max_ps(y1, ty1)),
+                zero,
+            );
+            let inter = _mm256_mul_ps(iw, ih);
+            let union = _mm256_sub_ps(_mm256_add_ps(ld(p.area, j), tarea), inter);
+            let iou = _mm256_and_ps(
+                _mm256_div_ps(inter, union),
+                _mm256_cmp_ps(union, zero, _CMP_GT_OQ),
+            );
+            let c = _mm256_mul_ps(
+                _mm256_sub_ps(_mm256_max_ps(x2, tx2), _mm256_min_ps(x1, tx1)),
+                _mm256_sub_ps(_mm256_max_ps(y2, ty2), _mm256_min_ps(y1, ty1)),
+            );
+            let pen = _mm256_and_ps(
+                _mm256_div_ps(_mm256_sub_ps(c, union), c),
+                _mm256_cmp_ps(c, zero, _CMP_GT_OQ),
+            );
+            let giou = _mm256_sub_ps(iou, pen);
+            let cost = _mm256_sub_ps(
+                _mm256_add_ps(_mm256_mul_ps(wb, l1), _mm256_mul_ps(wc, ld(cc, j))),
+                _mm256_mul_ps(wg, giou),
+            );
+            st_f64(out, j, cost);
+            j += 8;
+        }
+        super::block_row(p, t, cc, wts, out, q8);
     }
 }
 
@@ -739,6 +1147,78 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("negative width or height"), "{e}");
+    }
+
+    #[test]
+    fn simd_kernels_agree_with_scalar() {
+        if !use_avx2() {
+            return; // nothing to compare on this CPU
+        }
+        let mut r = Rng(0x0123_4567_89ab_cdef);
+        for &k in &[1usize, 7, 8, 9, 92, 300] {
+            let row: Vec<f32> = (0..k).map(|_| (r.unif() - 0.5) * 40.0).collect();
+            let (mut b1, mut b2) = (vec![0.0; k], vec![0.0; k]);
+            let s1 = softmax_denominator(&row, &mut b1, false).unwrap();
+            let s2 = softmax_denominator(&row, &mut b2, true).unwrap();
+            assert!((s1 - s2).abs() <= 1e-6 * s1, "{s1} {s2}");
+            for (a, b) in b1.iter().zip(&b2) {
+                assert!((a - b).abs() <= 1e-6 * a.max(1e-30));
+            }
+            let mut bad = row.clone();
+            bad[k - 1] = f32::NAN;
+            assert!(softmax_denominator(&bad, &mut b2, true).is_none());
+            bad[k - 1] = f32::NEG_INFINITY;
+            assert!(softmax_denominator(&bad, &mut b2, true).is_none());
+            bad[0] = f32::INFINITY;
+            assert!(softmax_denominator(&bad, &mut b2, false).is_none());
+            // focal
+            for kind in 0..=4u8 {
+                let mut f1 = row.clone();
+                let mut f2 = row.clone();
+                focal_inplace(&mut f1, 0.25, kind as f32, kind, 0);
+                // SAFETY: use_avx2() checked above.
+                unsafe { avx2::focal_inplace(&mut f2, 0.25, kind) };
+                for (a, b) in f1.iter().zip(&f2) {
+                    assert!(
+                        (a - b).abs() <= 1e-5 * (1.0 + a.abs()),
+                        "{a} {b} kind {kind}"
+                    );
+                }
+            }
+        }
+        // block rows, with tails and degenerate boxes
+        let (mut ws1, mut ws2) = (CostWorkspace::new(), CostWorkspace::new());
+        let id = BlockId { layer: 0, image: 0 };
+        for &q in &[1usize, 8, 13, 300] {
+            let (logits, boxes, labels, tboxes) = random_problem(&mut r, q, 5, 6, 4);
+            build_block_impl(
+                &mut ws1,
+                &logits,
+                5,
+                &boxes,
+                &labels,
+                &tboxes,
+                &CostParams::detr(),
+                id,
+                false,
+            )
+            .unwrap();
+            build_block_impl(
+                &mut ws2,
+                &logits,
+                5,
+                &boxes,
+                &labels,
+                &tboxes,
+                &CostParams::detr(),
+                id,
+                true,
+            )
+            .unwrap();
+            for (a, b) in ws1.cost.iter().zip(&ws2.cost) {
+                assert!((a - b).abs() <= 1e-5 * (1.0 + a.abs()), "{a} {b}");
+            }
+        }
     }
 
     #[test]
