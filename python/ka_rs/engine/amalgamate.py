@@ -517,6 +517,7 @@ class AmalgamationResult:
     teachers: list[str]
     subsets: dict[str, list[str]]
     model: nn.Module | None = None
+    hint: nn.Module | None = None
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready summary (for the CLI)."""
@@ -556,7 +557,9 @@ def amalgamate(
         info: an existing :class:`~ka_rs.engine.distributed.DistInfo`; by default torchrun's
             environment is read (and the process group torn down at the end).
         teachers: already loaded teachers (skips loading ``config.teachers``).
-        keep_model: put the trained student (unwrapped, eval mode) in the result.
+        keep_model: put the trained student (unwrapped, eval mode) and, with
+            ``aggregation``, the trained :class:`~ka_rs.losses.AggregationHintLoss` in the
+            result.
 
     Returns:
         :class:`AmalgamationResult`; ``final_eval`` holds union ``AP``/``AP50``/``AP75`` and
@@ -799,6 +802,7 @@ def amalgamate(
             teachers=names,
             subsets=subsets,
             model=net if keep_model else None,
+            hint=hint_loss if keep_model else None,
         )
     finally:
         if own_dist:
