@@ -319,8 +319,7 @@ fn build_block_impl(
         ws.slot_of_label[lab] = NO_SLOT;
     }
     let nu = ws.labels_u.len();
-    ws.class_rows.clear();
-    ws.class_rows.resize(nu * q, 0.0);
+    ws.class_rows.resize(nu * q, 0.0); // every entry is overwritten below
     match params.class_cost {
         ClassCost::Softmax => softmax_rows(ws, logits, k, q, id, simd)?,
         ClassCost::Focal { alpha, gamma } => {
@@ -329,8 +328,7 @@ fn build_block_impl(
         }
     }
     // assemble T×Q
-    ws.cost.clear();
-    ws.cost.resize(t * q, 0.0);
+    ws.cost.resize(t * q, 0.0); // every entry is overwritten below
     let wts = [params.cost_class, params.cost_bbox, params.cost_giou];
     let [cx, cy, w, h, x1, y1, x2, y2, area] = &ws.soa;
     let pred = Preds {
@@ -425,8 +423,7 @@ fn block_row(p: &Preds<'_>, t: &Target, cc: &[f32], wts: [f32; 3], out: &mut [f6
 fn fill_pred_soa(ws: &mut CostWorkspace, boxes: &[f32], id: BlockId) -> KaResult<()> {
     let q = boxes.len() / 4;
     for v in ws.soa.iter_mut() {
-        v.clear();
-        v.resize(q, 0.0);
+        v.resize(q, 0.0); // every entry is overwritten below
     }
     let [cx, cy, w, h, x1, y1, x2, y2, area] = &mut ws.soa;
     let mut bad = false;
@@ -528,19 +525,52 @@ fn softmax_rows(
     }
     ws.buf.clear();
     ws.buf.resize(k, 0.0);
-    let nu = ws.labels_u.len();
+    let (labels_u, class_rows, buf) = (&ws.labels_u[..], &mut ws.class_rows[..], &mut ws.buf[..]);
+    #[cfg(target_arch = "x86_64")]
+    let ok = if simd {
+        // SAFETY: `simd` is true only when the CPU supports AVX2 and FMA.
+        unsafe { avx2::softmax_rows(logits, k, q, labels_u, class_rows, buf) }
+    } else {
+        softmax_rows_with(logits, k, q, labels_u, class_rows, buf, |r, b| {
+            softmax_denominator(r, b, false)
+        })
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let ok = softmax_rows_with(logits, k, q, labels_u, class_rows, buf, |r, b| {
+        softmax_denominator(r, b, simd)
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(logits_error(k, logits, id))
+    }
+}
+
+/// The per-query loop of [`softmax_rows`], generic over the denominator kernel so that the
+/// AVX2 build inlines its kernel. Returns false on a non-finite logit.
+#[inline(always)]
+fn softmax_rows_with(
+    logits: &[f32],
+    k: usize,
+    q: usize,
+    labels_u: &[usize],
+    class_rows: &mut [f32],
+    buf: &mut [f32],
+    denominator: impl Fn(&[f32], &mut [f32]) -> Option<f32>,
+) -> bool {
+    let nu = labels_u.len();
+    let class_rows = &mut class_rows[..nu * q];
+    let buf = &mut buf[..k];
     for (qi, row) in logits.chunks_exact(k).take(q).enumerate() {
-        let buf = &mut ws.buf[..k];
-        let sum = softmax_denominator(row, buf, simd);
-        let Some(sum) = sum else {
-            return Err(logits_error(k, logits, id));
+        let Some(sum) = denominator(row, buf) else {
+            return false;
         };
         let inv = 1.0 / sum;
-        for u in 0..nu {
-            ws.class_rows[u * q + qi] = -(buf[ws.labels_u[u]] * inv);
+        for (u, &lab) in labels_u.iter().enumerate() {
+            class_rows[u * q + qi] = -(buf[lab] * inv);
         }
     }
-    Ok(())
+    true
 }
 
 /// Writes `exp(row - max(row))` into `buf` and returns its sum, or `None` when `row` holds a
@@ -768,7 +798,23 @@ mod avx2 {
         unsafe { _mm256_maskstore_ps(s.as_mut_ptr(), mask, v) }
     }
 
+    /// See `super::softmax_rows`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn softmax_rows(
+        logits: &[f32],
+        k: usize,
+        q: usize,
+        labels_u: &[usize],
+        class_rows: &mut [f32],
+        buf: &mut [f32],
+    ) -> bool {
+        super::softmax_rows_with(logits, k, q, labels_u, class_rows, buf, |r, b| {
+            softmax_denominator(r, b)
+        })
+    }
+
     /// See `super::softmax_denominator`.
+    #[inline]
     #[target_feature(enable = "avx2,fma")]
     pub(super) fn softmax_denominator(row: &[f32], buf: &mut [f32]) -> Option<f32> {
         let k = row.len().min(buf.len());
@@ -852,6 +898,16 @@ mod avx2 {
         super::focal_inplace(xs, alpha, gamma_kind as f32, gamma_kind, n8);
     }
 
+    /// a / b via the reciprocal estimate and one Newton step (≈ 1 ulp; much cheaper than
+    /// `vdivps`). b = 0 gives NaN: callers mask those lanes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn div(a: __m256, b: __m256) -> __m256 {
+        let r = _mm256_rcp_ps(b);
+        let r = _mm256_mul_ps(r, _mm256_fnmadd_ps(b, r, splat(2.0)));
+        _mm256_mul_ps(a, r)
+    }
+
     /// See `super::block_row`.
     #[target_feature(enable = "avx2,fma")]
     pub(super) fn block_row(p: &Preds<'_>, t: &Target, cc: &[f32], wts: [f32; 3], out: &mut [f64]) {
@@ -887,16 +943,13 @@ mod avx2 {
             );
             let inter = _mm256_mul_ps(iw, ih);
             let union = _mm256_sub_ps(_mm256_add_ps(ld(p.area, j), tarea), inter);
-            let iou = _mm256_and_ps(
-                _mm256_div_ps(inter, union),
-                _mm256_cmp_ps(union, zero, _CMP_GT_OQ),
-            );
+            let iou = _mm256_and_ps(div(inter, union), _mm256_cmp_ps(union, zero, _CMP_GT_OQ));
             let c = _mm256_mul_ps(
                 _mm256_sub_ps(_mm256_max_ps(x2, tx2), _mm256_min_ps(x1, tx1)),
                 _mm256_sub_ps(_mm256_max_ps(y2, ty2), _mm256_min_ps(y1, ty1)),
             );
             let pen = _mm256_and_ps(
-                _mm256_div_ps(_mm256_sub_ps(c, union), c),
+                div(_mm256_sub_ps(c, union), c),
                 _mm256_cmp_ps(c, zero, _CMP_GT_OQ),
             );
             let giou = _mm256_sub_ps(iou, pen);
