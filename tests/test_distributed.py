@@ -123,6 +123,7 @@ SETTINGS = [
     "data.num_val_images=6",
     "train.progress=false",
     "train.plot=false",
+    "train.num_threads=1",
     "train.log_every_steps=1",
     "train.max_steps=3",
     "train.seed=3",

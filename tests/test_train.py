@@ -34,6 +34,7 @@ TINY = [
     "train.batch_size=4",
     "train.progress=false",
     "train.plot=false",
+    "train.num_threads=1",
     "train.log_every_steps=1",
     "train.seed=7",
 ]

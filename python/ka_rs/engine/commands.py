@@ -57,7 +57,6 @@ def load_run_config(args: argparse.Namespace) -> tuple[Any, Any]:
     Resume target: None, or the checkpoint path to continue from. With ``--resume`` and no
     ``--config``, the config stored in the checkpoint is the base.
     """
-    from ka_rs.engine.checkpoint import load_checkpoint
     from ka_rs.engine.config import Config, apply_overrides, load_config
 
     overrides = list(args.overrides)
@@ -76,6 +75,8 @@ def load_run_config(args: argparse.Namespace) -> tuple[Any, Any]:
         else:
             resume = Path(args.resume)
         if not args.config:
+            from ka_rs.engine.checkpoint import load_checkpoint
+
             ckpt = load_checkpoint(resume)
             cfg = Config.from_dict(ckpt.get("config") or {}, source=f"config in {resume}")
             return (apply_overrides(cfg, overrides) if overrides else cfg), resume
@@ -92,9 +93,9 @@ def _toml_str(text: str) -> str:
 
 def cmd_train_teacher(args: argparse.Namespace) -> int:
     """Train one teacher; print a JSON summary on rank 0."""
+    cfg, resume = load_run_config(args)  # config errors surface before torch is imported
     from ka_rs.engine.train import summary_json, train_teacher
 
-    cfg, resume = load_run_config(args)
     if args.no_progress:
         cfg.train.progress = False
     result = train_teacher(cfg, resume=resume)
@@ -137,7 +138,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from ka_rs.engine.config import Config, DataConfig, apply_overrides, load_config
     from ka_rs.engine.distributed import cleanup_distributed, init_distributed
     from ka_rs.engine.evaluate import evaluate, make_eval_loader, results_table
-    from ka_rs.engine.train import _preset_hints, build_datasets
+    from ka_rs.engine.train import build_datasets, preset_hints
 
     det = load_detector(args.checkpoint)
     if args.config:
@@ -174,7 +175,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     data.classes, data.split, data.teacher = [], "", ""
     info = init_distributed(cfg.train.device)
     try:
-        size = int(_preset_hints(cfg.model.preset).get("image_size", 128))
+        size = int(preset_hints(cfg.model.preset).get("image_size", 128))
         _, val_ds, _ = build_datasets(data, image_size=size, train=False)
         bs = args.batch_size or cfg.train.eval_batch_size or 2 * cfg.train.batch_size
         loader = make_eval_loader(val_ds, bs, args.num_workers, info)

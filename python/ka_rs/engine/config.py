@@ -136,7 +136,9 @@ class TrainConfig:
     ``batch_size × world_size``). Evaluation runs every ``eval_every_epochs`` epochs,
     ``eval_every_steps`` steps and/or ``eval_every_minutes`` training minutes (0 = off), and
     always at the end. A checkpoint is written every ``checkpoint_every_steps`` steps, or at
-    every epoch end when that is 0, and at the end.
+    every epoch end when that is 0, and at the end. ``num_threads`` sets torch's intra-op CPU
+    threads for the run (0 = torch's default, one per core); on a machine shared with other
+    jobs, 1 thread (or ``OMP_WAIT_POLICY=PASSIVE``) avoids OpenMP spin-wait slowdowns.
     """
 
     batch_size: int = 16
@@ -152,6 +154,7 @@ class TrainConfig:
     seed: int = 42
     output_dir: str = "runs/teacher"
     num_workers: int = 0
+    num_threads: int = 0
     device: str = "auto"
     progress: bool = True
     plot: bool = True
@@ -412,6 +415,7 @@ def _validate(cfg: Config) -> None:
         ("train", "eval_every_minutes"),
         ("train", "checkpoint_every_steps"),
         ("train", "num_workers"),
+        ("train", "num_threads"),
         ("data", "num_train_images"),
         ("data", "num_val_images"),
         ("data", "image_size"),

@@ -77,6 +77,7 @@ __all__ = [
     "build_optimizer",
     "build_scheduler",
     "move_targets",
+    "preset_hints",
     "resolve_classes",
     "train_teacher",
 ]
@@ -155,12 +156,15 @@ def build_scheduler(
     )
 
 
-def move_targets(targets: Sequence[Mapping[str, Any]], device: torch.device) -> list[dict]:
-    """Move every tensor of every target dict to ``device`` (other values unchanged)."""
-    return [
-        {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()}
-        for t in targets
-    ]
+def move_targets(targets: Any, device: torch.device) -> Any:
+    """Move every tensor inside ``targets`` (dicts / lists / tuples nested) to ``device``."""
+    if torch.is_tensor(targets):
+        return targets.to(device, non_blocking=True)
+    if isinstance(targets, Mapping):
+        return {k: move_targets(v, device) for k, v in targets.items()}
+    if isinstance(targets, (list, tuple)):
+        return type(targets)(move_targets(v, device) for v in targets)
+    return targets
 
 
 def _data_loader_generator(seed: int, epoch: int) -> torch.Generator:
@@ -721,13 +725,18 @@ def build_datasets(
     return train_ds, val_ds, classes
 
 
-def _preset_hints(preset: str) -> dict[str, Any]:
+def preset_hints(preset: str) -> dict[str, Any]:
+    """The suggested training settings of a model preset (``image_size``, ``batch_size``,
+    ``lr``, ``lr_backbone``), or ``{}`` for an unknown preset."""
     try:
         from ka_rs.models import TRAINING_HINTS
 
         return dict(TRAINING_HINTS.get(preset, {}))
     except ImportError:  # pragma: no cover
         return {}
+
+
+_preset_hints = preset_hints  # backwards-compatible private alias
 
 
 def build_teacher_loop(config: Config, info: DistInfo) -> TrainLoop:
@@ -742,7 +751,7 @@ def build_teacher_loop(config: Config, info: DistInfo) -> TrainLoop:
 
     config.validate()
     torch.manual_seed(config.train.seed)
-    hints = _preset_hints(config.model.preset)
+    hints = preset_hints(config.model.preset)
     train_ds, val_ds, class_names = build_datasets(
         config.data, image_size=int(hints.get("image_size", 128))
     )
@@ -803,6 +812,9 @@ def train_teacher(
     own_dist = info is None
     info = info or init_distributed(config.train.device)
     setup_logging(info.rank)
+    threads = torch.get_num_threads()
+    if config.train.num_threads:
+        torch.set_num_threads(config.train.num_threads)
     try:
         loop = build_teacher_loop(config, info)
         if resume:
@@ -813,6 +825,7 @@ def train_teacher(
             (loop.output_dir / "eval.json").write_text(loop.last_eval_result.to_json())
         return result
     finally:
+        torch.set_num_threads(threads)
         if own_dist:
             cleanup_distributed()
 
