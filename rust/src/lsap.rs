@@ -256,19 +256,38 @@ impl LsapWorkspace {
         let transpose = n > m;
         let (nr, nc) = if transpose { (m, n) } else { (n, m) };
         let mut scratch = std::mem::take(&mut self.scratch);
-        scratch.clear();
-        scratch.reserve(n * m);
+        scratch.resize(n * m, 0.0); // fully overwritten below
         let sign = if maximize { -1.0 } else { 1.0 };
-        if transpose {
-            for j in 0..m {
-                scratch.extend(cost.column(j).iter().map(|&x| sign * x));
-            }
-        } else {
-            for i in 0..n {
-                scratch.extend(cost.row(i).iter().map(|&x| sign * x));
+        // Copy (transposed when tall, negated when maximising) while checking for NaN / -inf
+        // (x - x is NaN exactly for NaN and ±inf; +inf is allowed, so test -inf separately).
+        let mut bad = false;
+        for (i, row) in cost.rows().into_iter().enumerate() {
+            if transpose {
+                for (j, &x) in row.iter().enumerate() {
+                    let y = sign * x;
+                    bad |= y.is_nan() || y == f64::NEG_INFINITY;
+                    scratch[j * n + i] = y;
+                }
+            } else {
+                let out = &mut scratch[i * m..(i + 1) * m];
+                for (o, &x) in out.iter_mut().zip(row.iter()) {
+                    let y = sign * x;
+                    bad |= y.is_nan() || y == f64::NEG_INFINITY;
+                    *o = y;
+                }
             }
         }
-        let result = validate(&scratch, nc).and_then(|()| {
+        let checked = match bad {
+            false => Ok(()),
+            true => {
+                let ((i, j), _) = cost
+                    .indexed_iter()
+                    .find(|(_, &x)| (sign * x).is_nan() || sign * x == f64::NEG_INFINITY)
+                    .unwrap_or(((0, 0), &0.0));
+                Err(invalid_entry(i, j))
+            }
+        };
+        let result = checked.and_then(|()| {
             let col4row = self.solve_wide(&scratch, nr, nc)?;
             if transpose {
                 // rows of the solved problem are the input's columns: sort pairs by input row
@@ -293,15 +312,15 @@ pub fn validate(cost: &[f64], nc: usize) -> KaResult<()> {
         .position(|&x| x.is_nan() || x == f64::NEG_INFINITY)
     {
         None => Ok(()),
-        Some(k) => Err(KaError::invalid(
-            "cost",
-            format!(
-                "matrix contains invalid numeric entries (NaN or -inf) at [{}, {}]",
-                k / nc.max(1),
-                k % nc.max(1)
-            ),
-        )),
+        Some(k) => Err(invalid_entry(k / nc.max(1), k % nc.max(1))),
     }
+}
+
+fn invalid_entry(i: usize, j: usize) -> KaError {
+    KaError::invalid(
+        "cost",
+        format!("matrix contains invalid numeric entries (NaN or -inf) at [{i}, {j}]"),
+    )
 }
 
 thread_local! {
@@ -509,6 +528,11 @@ mod tests {
         assert!(matches!(e, KaError::InvalidArgument { ref arg, .. } if arg == "cost"));
         let c = array![[1.0, f64::NEG_INFINITY]];
         assert!(linear_sum_assignment(c.view(), false).is_err());
+        // the reported position is in the caller's coordinates, also when transposed
+        let mut c = Array2::<f64>::zeros((5, 2));
+        c[[3, 1]] = f64::NAN;
+        let e = linear_sum_assignment(c.view(), false).unwrap_err();
+        assert!(e.to_string().ends_with("at [3, 1]"), "{e}");
         // maximize: +inf becomes -inf -> invalid; -inf is forbidden (scipy)
         let c = array![[1.0, f64::INFINITY]];
         assert!(matches!(
