@@ -152,7 +152,6 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     finally:
         proc.wait()
     killed_at = load_checkpoint(ckpt)["step"]
-    print("killed_at", killed_at, file=sys.stderr)
     assert 0 < killed_at < 24, "the run finished before it could be killed"
     # no torn temp file is mistaken for a checkpoint; resume continues from the last one
     out = run_cli("train-teacher", "--resume", str(ckpt), "--no-progress")

@@ -430,31 +430,55 @@ class TrainLoop:
 
     # -- main loop
 
-    def fit(self) -> TrainResult:  # noqa: C901 - one readable loop
-        """Train until the epoch / step / time budget is used up; return the result."""
-        cfg = self.train_cfg
-        info = self.info
+    def _log_train(self, window: _Window, now: float) -> str:
+        """Write a ``train`` record averaged over ``window`` (all ranks); return a summary."""
+        st = self.state
+        avg = all_reduce_mean({k: v / window.steps for k, v in window.sums.items()})
+        record = {
+            "type": "train",
+            "step": st.step,
+            "epoch": st.epoch,
+            **avg,
+            **self.lrs(),
+            "img_per_s": window.images / max(window.seconds, 1e-9),
+            "train_minutes": st.train_minutes,
+            "wall_minutes": (now - self._t_start) / 60.0,
+        }
+        if self.metrics is not None:
+            self.metrics.write(record)
+        text = (
+            f"step {st.step}  loss {avg['loss']:.3f}  {record['img_per_s']:.0f} img/s  "
+            f"{st.train_minutes:.1f} min"
+        )
+        if "AP50" in st.last_eval:
+            text += f"  AP50 {st.last_eval['AP50']:.3f}"
+        return text
+
+    def _stop_reason(self) -> str:
+        """Why training must stop before the next step ("" = it must not)."""
+        cfg, st = self.train_cfg, self.state
+        if st.epoch >= cfg.epochs:
+            return "epochs"
+        if cfg.max_steps and st.step >= cfg.max_steps:
+            return "max_steps"
+        budget_s = cfg.time_budget_minutes * 60.0
+        # time-based decisions come from rank 0, so that all ranks agree
+        if budget_s > 0 and broadcast_object(st.train_seconds >= budget_s):
+            return "time_budget"
+        return ""
+
+    def fit(self) -> TrainResult:
+        """Train until the epoch / step / time budget is used up; return the result.
+
+        After every optimiser step, in this order: LR schedule (per step), metrics record
+        (every ``log_every_steps``), epoch bookkeeping (schedule per epoch), evaluation and
+        checkpoint when due. The final evaluation and checkpoint come after the loop.
+        """
+        cfg, info, st = self.train_cfg, self.info, self.state
         self._t_start = time.perf_counter()
         if info.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.toml").write_text(dump_toml(self.config_dict))
-        self.metrics = MetricsWriter(self.output_dir / "metrics.jsonl", enabled=info.is_main)
-        st = self.state
-        total = self._total_steps()
-        budget_s = cfg.time_budget_minutes * 60.0
-        timed = budget_s > 0 or cfg.eval_every_minutes > 0
-        next_eval_min = (
-            (math.floor(st.train_minutes / cfg.eval_every_minutes) + 1) * cfg.eval_every_minutes
-            if cfg.eval_every_minutes > 0
-            else math.inf
-        )
-        stopped_by = ""
-        window: dict[str, float] = {}
-        window_n = 0
-        window_images = 0
-        window_t = 0.0
-        step_unit = self.optim_cfg.lr_drop_unit == "step"
-        if info.is_main:
             log.info(
                 "training %s: %d images, %d steps/epoch, batch %d × %d process(es), device %s",
                 self.kind,
@@ -464,124 +488,89 @@ class TrainLoop:
                 info.world_size,
                 info.device,
             )
-        progress = make_progress(enabled=cfg.progress and info.is_main)
+        self.metrics = MetricsWriter(self.output_dir / "metrics.jsonl", enabled=info.is_main)
+        total = self._total_steps()
+        budget_s = cfg.time_budget_minutes * 60.0
+        eval_min = cfg.eval_every_minutes
+        next_eval_min = (math.floor(st.train_minutes / eval_min) + 1) * eval_min if eval_min else 0
+        step_unit = self.optim_cfg.lr_drop_unit == "step"
+        by_time = budget_s > 0  # the bar counts training seconds, else optimiser steps
+        stopped_by = self._stop_reason()
+        window = _Window()
+
+        def done() -> float:
+            return min(st.train_seconds, budget_s) if by_time else min(st.step, total)
+
         try:
-            with progress as bar:
-                task = bar.add_task("train", total=total, completed=min(st.step, total))
+            with make_progress(enabled=cfg.progress and info.is_main) as bar:
+                task = bar.add_task(
+                    "train [s]" if by_time else "train",
+                    total=int(budget_s) if by_time else total,
+                    completed=done(),
+                )
                 while not stopped_by:
-                    if st.epoch >= cfg.epochs:
-                        stopped_by = "epochs"
-                        break
-                    if cfg.max_steps and st.step >= cfg.max_steps:
-                        stopped_by = "max_steps"
-                        break
-                    if budget_s > 0 and broadcast_object(st.train_seconds >= budget_s):
-                        stopped_by = "time_budget"
-                        break
-                    if st.batch_in_epoch >= self.batches_per_epoch:  # defensive
-                        st.epoch += 1
-                        st.batch_in_epoch = 0
-                        continue
-                    loader = self._make_loader(st.epoch, st.batch_in_epoch)
                     t_last = time.perf_counter()
-                    for batch in loader:
+                    for batch in self._make_loader(st.epoch, st.batch_in_epoch):
                         comps, grad_norm = self.train_step(batch)
                         if step_unit:
                             self.scheduler.step()
                         now = time.perf_counter()
-                        dt = now - t_last
+                        n_img = int(batch[0].shape[0]) * info.world_size
                         st.step += 1
                         st.batch_in_epoch += 1
-                        st.train_seconds += dt
-                        n_img = int(batch[0].shape[0]) * info.world_size
+                        st.train_seconds += now - t_last
                         st.images_seen += n_img
-                        for k, v in comps.items():
-                            window[k] = window.get(k, 0.0) + v
-                        window["grad_norm"] = window.get("grad_norm", 0.0) + grad_norm
-                        window_n += 1
-                        window_images += n_img
-                        window_t += dt
+                        window.add({**comps, "grad_norm": grad_norm}, n_img, now - t_last)
 
-                        # time-based decisions come from rank 0, so all ranks agree
-                        do_eval_time = False
-                        if timed:
-                            flags = (
-                                budget_s > 0 and st.train_seconds >= budget_s,
-                                st.train_minutes >= next_eval_min,
-                            )
-                            flags = broadcast_object(flags)
-                            if flags[0]:
-                                stopped_by = "time_budget"
-                            do_eval_time = flags[1]
-
-                        if st.step % cfg.log_every_steps == 0 or stopped_by:
-                            avg = all_reduce_mean({k: v / window_n for k, v in window.items()})
-                            record = {
-                                "type": "train",
-                                "step": st.step,
-                                "epoch": st.epoch,
-                                **avg,
-                                **self.lrs(),
-                                "img_per_s": window_images / max(window_t, 1e-9),
-                                "train_minutes": st.train_minutes,
-                                "wall_minutes": (now - self._t_start) / 60.0,
-                            }
-                            self.metrics.write(record)
-                            info_txt = (
-                                f"loss {avg['loss']:.3f}  {record['img_per_s']:.0f} img/s  "
-                                f"{st.train_minutes:.1f} min"
-                            )
-                            if "AP50" in st.last_eval:
-                                info_txt += f"  AP50 {st.last_eval['AP50']:.3f}"
-                            bar.update(task, completed=min(st.step, total), info=info_txt)
-                            if info.is_main and not _is_rich(bar):
-                                log.info(
-                                    "step %d/%d epoch %d  %s  lr %.2e",
-                                    st.step,
-                                    total,
-                                    st.epoch,
-                                    info_txt,
-                                    record["lr"],
+                        eval_due_by_time = False
+                        if budget_s > 0 or eval_min > 0:
+                            over, eval_due_by_time = broadcast_object(
+                                (
+                                    budget_s > 0 and st.train_seconds >= budget_s,
+                                    eval_min > 0 and st.train_minutes >= next_eval_min,
                                 )
-                            window, window_n, window_images, window_t = {}, 0, 0, 0.0
-                        else:
-                            bar.update(task, completed=min(st.step, total))
-
+                            )
+                            stopped_by = "time_budget" if over else ""
                         if cfg.max_steps and st.step >= cfg.max_steps:
                             stopped_by = "max_steps"
+
+                        if st.step % cfg.log_every_steps == 0 or stopped_by:
+                            text = self._log_train(window, now)
+                            window = _Window()
+                            bar.update(task, completed=done(), info=text)
+                            if info.is_main and not _is_rich(bar):
+                                log.info("epoch %d  %s  lr %.2e", st.epoch, text, self.lrs()["lr"])
+                        else:
+                            bar.update(task, completed=done())
+
                         epoch_done = st.batch_in_epoch >= self.batches_per_epoch
                         if epoch_done:
                             st.epoch += 1
                             st.batch_in_epoch = 0
                             if not step_unit:
                                 self.scheduler.step()
-                        final = bool(stopped_by) or st.epoch >= cfg.epochs
-                        if not final and (
-                            do_eval_time
-                            or (cfg.eval_every_steps and st.step % cfg.eval_every_steps == 0)
-                            or (
-                                epoch_done
-                                and cfg.eval_every_epochs
-                                and st.epoch % cfg.eval_every_epochs == 0
-                            )
-                        ):
-                            self.run_evaluation()
-                            if cfg.eval_every_minutes > 0:
-                                while next_eval_min <= st.train_minutes:
-                                    next_eval_min += cfg.eval_every_minutes
-                        if not final and (
-                            (
-                                cfg.checkpoint_every_steps
-                                and st.step % cfg.checkpoint_every_steps == 0
-                            )
-                            or (epoch_done and not cfg.checkpoint_every_steps)
-                        ):
-                            self.save()
-                        if final or epoch_done:
+                            if st.epoch >= cfg.epochs:
+                                stopped_by = stopped_by or "epochs"
+                        if not stopped_by:
+                            if (
+                                eval_due_by_time
+                                or (cfg.eval_every_steps and st.step % cfg.eval_every_steps == 0)
+                                or (
+                                    epoch_done
+                                    and cfg.eval_every_epochs
+                                    and st.epoch % cfg.eval_every_epochs == 0
+                                )
+                            ):
+                                self.run_evaluation()
+                                while eval_min and next_eval_min <= st.train_minutes:
+                                    next_eval_min += eval_min
+                            every = cfg.checkpoint_every_steps
+                            if (every and st.step % every == 0) or (epoch_done and not every):
+                                self.save()
+                        if stopped_by or epoch_done:
                             break
                         t_last = time.perf_counter()
-                    if st.epoch >= cfg.epochs and not stopped_by:
-                        stopped_by = "epochs"
+                    stopped_by = stopped_by or self._stop_reason()
             final_eval = self.run_evaluation()
             ckpt = self.save()
             if info.is_main:
@@ -612,6 +601,23 @@ class TrainLoop:
             checkpoint=ckpt,
             stopped_by=stopped_by,
         )
+
+
+@dataclass
+class _Window:
+    """Sums of logged values over the steps since the last ``train`` record."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    steps: int = 0
+    images: int = 0
+    seconds: float = 0.0
+
+    def add(self, values: Mapping[str, float], images: int, seconds: float) -> None:
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.steps += 1
+        self.images += images
+        self.seconds += seconds
 
 
 def _is_rich(bar: Any) -> bool:
