@@ -173,3 +173,35 @@ def test_help_and_registration(capsys):
 def test_debug_flag_shows_traceback():
     res = ka_rs("--debug", "train-teacher", "--set", "optim.lrr=1")
     assert res.returncode != 0 and "Traceback" in res.stderr
+
+
+def test_train_and_evaluate_on_a_coco_folder(tmp_path):
+    """The COCO-format path end to end: export shapes as files, train on them, evaluate."""
+    root = tmp_path / "shapes"
+    res = ka_rs(
+        "export-shapes", str(root), "--splits", "train,val", "--num-images", "8",
+        "--image-size", "32", "--no-progress",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    coco = [
+        "data.source=coco",
+        f"data.root={json.dumps(str(root / 'train'))}",
+        f"data.ann_file={json.dumps(str(root / 'annotations/instances_train.json'))}",
+        f"data.val_root={json.dumps(str(root / 'val'))}",
+        f"data.val_ann_file={json.dumps(str(root / 'annotations/instances_val.json'))}",
+        "data.classes=ring,star",
+    ]
+    train = ["train.batch_size=4", "train.epochs=1", "train.plot=false", "train.num_threads=1"]
+    sets = [a for s in TINY[:3] + train + coco for a in ("--set", s)]
+    res = ka_rs("train-teacher", *sets, "-o", str(tmp_path / "run"), "--no-progress")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["step"] == 2  # 8 images, batch 4: 2 steps per epoch
+    ckpt = tmp_path / "run/checkpoint.pt"
+    assert load_checkpoint(ckpt)["class_names"] == ["ring", "star"]
+    res = ka_rs(
+        "evaluate", "--checkpoint", str(ckpt), "--data", "coco", "--root", str(root / "val"),
+        "--ann-file", str(root / "annotations/instances_val.json"), "--json", "-",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    data = json.loads(res.stdout)
+    assert data["num_images"] == 8 and set(data["per_class"]) == {"ring", "star"}
