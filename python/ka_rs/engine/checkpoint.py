@@ -24,7 +24,6 @@ a torn one. Loading a missing, empty, truncated or foreign file raises :class:`C
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import pickle
 import random
@@ -231,7 +230,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             "directory is missing)"
         )
     try:
-        with warnings_silenced():
+        with _warnings_silenced():
             ckpt = torch.load(p, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
@@ -263,7 +262,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 @contextlib.contextmanager
-def warnings_silenced() -> Any:
+def _warnings_silenced() -> Any:
     """Silence warnings raised while loading (e.g. torch's storage deprecation notes)."""
     import warnings
 
@@ -315,16 +314,3 @@ def load_detector(path: str | Path, device: str | torch.device = "cpu") -> Loade
         config=dict(ckpt.get("config", {})),
         checkpoint=ckpt,
     )
-
-
-def checkpoint_summary(ckpt: Mapping[str, Any]) -> str:
-    """One line describing a loaded checkpoint (for logs)."""
-    buf = io.StringIO()
-    buf.write(
-        f"{ckpt.get('kind', '?')} checkpoint: step {ckpt.get('step', 0)}, "
-        f"epoch {ckpt.get('epoch', 0)}, {len(ckpt.get('class_names', []))} classes"
-    )
-    metrics = ckpt.get("metrics") or {}
-    if "AP50" in metrics:
-        buf.write(f", AP50 {metrics['AP50']:.3f}")
-    return buf.getvalue()

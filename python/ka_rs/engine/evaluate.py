@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -456,9 +455,3 @@ def evaluate(
     result = broadcast_object(result)
     assert result is not None
     return result
-
-
-def mean_finite(values: Iterable[float]) -> float:
-    """Mean of the values that are finite and not -1 (COCO's "no ground truth"); NaN if none."""
-    vals = [v for v in values if math.isfinite(v) and v >= 0]
-    return float(sum(vals) / len(vals)) if vals else math.nan
