@@ -290,16 +290,17 @@ def load_detector(path: str | Path, device: str | torch.device = "cpu") -> Loade
     if not mc:
         raise CheckpointError(f"checkpoint {str(path)!r} has no model_config; cannot rebuild")
     try:
+        dcfg = DetrConfig.from_dict(mc)
         student = ckpt.get("student")  # written by ka_rs.engine.amalgamate
         if student:
             from ka_rs.models import AmalgamationStudent
 
             model = AmalgamationStudent(
-                DetrConfig(**mc), int(student["num_slots"]), bool(student["cross_slot_attention"])
+                dcfg, int(student["num_slots"]), bool(student["cross_slot_attention"])
             )
         else:
-            model = DETR(DetrConfig(**mc))
-    except TypeError as exc:
+            model = DETR(dcfg)
+    except (TypeError, ValueError, KeyError) as exc:
         raise CheckpointError(
             f"checkpoint {str(path)!r}: model_config does not match this ka_rs's DetrConfig: {exc}"
         ) from None
