@@ -119,6 +119,16 @@ where
     (0..n).map(|i| f(&mut w, i)).collect()
 }
 
+/// `(0..n).map(f)` collected in order; parallel when `work` (a rough count of inner-loop
+/// iterations for the whole job) reaches [`PARALLEL_MIN_WORK`], sequential otherwise.
+pub fn run_parallel<T, F>(n: usize, work: usize, f: F) -> Vec<T>
+where
+    T: Send,
+    F: Fn(usize) -> T + Sync + Send,
+{
+    map_indices(n, worth_parallel(work), || (), |_, i| f(i))
+}
+
 /// Call `f(chunk_index, chunk)` for each `chunk_len`-sized chunk of `data`, in parallel when
 /// `parallel` is true and a pool is available. `chunk_len == 0` does nothing.
 pub fn for_each_chunk_mut<T, F>(data: &mut [T], chunk_len: usize, parallel: bool, f: F)
@@ -153,6 +163,8 @@ mod tests {
         let seq = map_indices(1000, false, || 0usize, |_, i| i * 2);
         let par = map_indices(1000, true, || 0usize, |_, i| i * 2);
         assert_eq!(seq, par);
+        assert_eq!(run_parallel(1000, usize::MAX, |i| i * 2), seq);
+        assert_eq!(run_parallel(1000, 0, |i| i * 2), seq);
         assert_eq!(par[999], 1998);
     }
 
