@@ -100,6 +100,13 @@ def cmd_train_teacher(args: argparse.Namespace) -> int:
         cfg.train.progress = False
     result = train_teacher(cfg, resume=resume)
     if _is_rank0():
+        if result.eval_result is not None and sys.stderr.isatty():
+            from rich.console import Console
+
+            from ka_rs.engine.evaluate import results_table
+
+            title = f"final evaluation: {result.output_dir}"
+            Console(stderr=True).print(results_table(result.eval_result, title=title))
         print(summary_json(result))
     return 0
 

@@ -116,6 +116,7 @@ class TrainResult:
     final_eval: dict[str, Any]
     checkpoint: Path | None
     stopped_by: str
+    eval_result: Any = None  # the final EvalResult, when the engine evaluates with COCO AP
 
 
 # ----------------------------------------------------------------------------------------------
@@ -827,6 +828,7 @@ def train_teacher(
             path = loop.checkpoint_path if resume is True else Path(resume)
             loop.resume(path)
         result = loop.fit()
+        result.eval_result = loop.last_eval_result
         if info.is_main and loop.last_eval_result is not None:
             (loop.output_dir / "eval.json").write_text(loop.last_eval_result.to_json())
         return result
