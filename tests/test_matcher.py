@@ -355,6 +355,8 @@ def test_bad_shapes_and_targets(make_detr_batch):
         m(outputs, [{"labels": torch.rand(2), "boxes": torch.rand(2, 4)}, targets[1]])
     with pytest.raises(ValueError, match="targets"):
         m(outputs, [{"labels": torch.tensor([0, 6]), "boxes": torch.rand(2, 4)}, targets[1]])
+    with pytest.raises(ValueError, match="targets.*no-object"):  # label 5 is the no-object logit
+        m(outputs, [{"labels": torch.tensor([0, 5]), "boxes": torch.rand(2, 4)}, targets[1]])
     with pytest.raises(ValueError, match="targets"):
         m(outputs, [{"labels": torch.tensor([-1, 0]), "boxes": torch.rand(2, 4)}, targets[1]])
     bad_boxes = [targets[0], {"labels": targets[1]["labels"], "boxes": targets[1]["boxes"].clone()}]

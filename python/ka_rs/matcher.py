@@ -313,14 +313,20 @@ class HungarianMatcher:
             return [[] for _ in range(num_layers)]
         tgt_labels, tgt_boxes, sizes = self._targets(targets)
 
-        num_logits = {lg.shape[-1] for lg in logits}
         if tgt_labels.size:
+            k = min(lg.shape[-1] for lg in logits)
+            # softmax heads: the last of the K logits is "no object", not a target class
+            num_classes = k - 1 if self.class_cost == "softmax" else k
             lo, hi = int(tgt_labels.min()), int(tgt_labels.max())
-            k = min(num_logits)
-            if lo < 0 or hi >= k:
-                bad = lo if lo < 0 else hi
+            if lo < 0 or hi >= num_classes:
+                head = (
+                    f"{k} logits = {num_classes} classes + no-object"
+                    if self.class_cost == "softmax"
+                    else f"{k} logits = {k} classes"
+                )
                 raise ValueError(
-                    f"targets: label {bad} out of range for pred_logits with {k} logits"
+                    f"targets: label {lo if lo < 0 else hi} is out of range [0, {num_classes})"
+                    f" for pred_logits with {head}"
                 )
 
         # group layers by (Q, K) so that the usual case (all decoder layers alike) is ONE call
