@@ -412,3 +412,17 @@ def test_torchrun_two_processes_keep_student_and_hint_in_sync(teachers, tmp_path
     assert r0.keys() == r1.keys()
     for k in r0:
         torch.testing.assert_close(r0[k], r1[k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize(
+    ("name", "split", "source"),
+    [("voc-10+10", "voc-10+10", "voc"), ("coco-40+40", "coco-40+40", "coco")],
+)
+def test_paper_split_configs_load(name, split, source):
+    cfg = load_amalgamate_config(Path(__file__).resolve().parents[1] / "configs" / f"{name}.toml")
+    cfg.validate()
+    assert list(cfg.teachers) == list(get_split(split))
+    assert cfg.data.source == source and cfg.data.image_size == 800
+    a = cfg.amalgamation
+    assert a.sa and a.ta and not a.aggregation and not a.cross_slot_attention
+    assert (cfg.optim.lr, cfg.optim.lr_backbone, cfg.optim.clip_max_norm) == (1e-4, 1e-5, 0.1)

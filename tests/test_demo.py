@@ -1,0 +1,139 @@
+"""``ka-rs demo --quick`` and ``ka-rs ablate --quick`` end to end (tiny budgets, no accuracy
+bar), the teacher cache, the demo config file and override errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from ka_rs.cli import main
+from ka_rs.engine.config import ConfigError
+from ka_rs.engine.demo import DEMO_DEFAULTS, load_demo_config, teacher_key
+
+try:  # Python >= 3.11
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover
+    import tomli as tomllib  # type: ignore[no-redef]
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
+    root = tmp_path_factory.mktemp("demo")
+    cache, out = root / "cache", root / "run"
+    code = main(
+        ["demo", "--quick", "--cache-dir", str(cache), "--output", str(out), "--no-progress"]
+    )
+    assert code == 0
+    return cache, out, json.loads((out / "results.json").read_text())
+
+
+def test_quick_demo_writes_the_run_folder(quick_demo):
+    _, out, res = quick_demo
+    for name in ("report.md", "results.json", "loss_curves.png", "ap_per_class.png"):
+        assert (out / name).is_file(), name
+    assert (out / "detections.png").stat().st_size > 1000
+    assert (out / "student" / "checkpoint.pt").is_file()
+    assert set(res["per_teacher"]) == {"teacher_a", "teacher_b"}
+    assert res["per_teacher"]["teacher_b"]["classes"] == ["cross", "ring", "diamond", "crescent"]
+    for v in res["per_teacher"].values():
+        assert set(v["teacher"]) == set(v["student"]) == {"AP", "AP50", "AP75"}
+        assert all(-1.0 <= x <= 1.0 for x in [*v["teacher"].values(), *v["student"].values()])
+    assert res["mode"] == "label_free"
+    assert set(res["evaluation"]["student"]["subsets"]) == {"all", "teacher_a", "teacher_b"}
+    assert len(res["evaluation"]["student"]["per_class"]) == 8
+    assert not any(t["cached"] for t in res["teachers"])
+    assert res["timings_seconds"]["total"] >= res["timings_seconds"]["student"] > 0
+    assert res["load_average"]["start"] and res["load_average"]["end"]
+    report = (out / "report.md").read_text()
+    assert "label-free" in report and "![AP per class" in report and "Wall time" in report
+    assert "Extension beyond the paper" in report  # the demo starts the student from teacher_a
+
+
+def test_second_demo_reuses_the_cached_teachers(quick_demo, tmp_path):
+    cache, _, first = quick_demo
+    out = tmp_path / "again"
+    args = ["demo", "--quick", "--cache-dir", str(cache), "--output", str(out), "--no-progress"]
+    assert main(args) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert all(t["cached"] for t in res["teachers"])
+    assert [t["checkpoint"] for t in res["teachers"]] == [
+        t["checkpoint"] for t in first["teachers"]
+    ]
+    # the same teachers give the same teacher numbers
+    assert (
+        res["per_teacher"]["teacher_a"]["teacher"] == first["per_teacher"]["teacher_a"]["teacher"]
+    )
+    # another teacher config is another cache entry; run-only settings are not part of the key
+    base = load_demo_config(None, quick=True)
+    keys = {teacher_key(base, "teacher_a")}
+    for extra in ("teacher.train.max_steps=4", "teacher.optim.lr=1e-3", "teacher.data.seed=1"):
+        keys.add(teacher_key(load_demo_config(None, [extra], quick=True), "teacher_a"))
+    assert len(keys) == 4
+    same = load_demo_config(None, ["teacher.train.log_every_steps=1"], quick=True)
+    assert teacher_key(same, "teacher_a") == teacher_key(base, "teacher_a")
+    assert teacher_key(base, "teacher_a") != teacher_key(base, "teacher_b")
+
+
+def test_quick_ablation_reuses_the_demo_student(quick_demo, tmp_path, capsys):
+    cache, _, _ = quick_demo
+    out = tmp_path / "abl"
+    args = ["ablate", "--quick", "--cache-dir", str(cache), "--output", str(out)]
+    assert main([*args, "--no-progress", "--variants", "sa_ta,aggregation_ta"]) == 0
+    res = json.loads((out / "ablation.json").read_text())
+    rows = {r["variant"]: r for r in res["rows"]}
+    assert rows["sa_ta"]["source"].startswith("reused")  # the demo's identical SA + TA run
+    assert rows["aggregation_ta"]["source"] == "trained"
+    for r in rows.values():
+        assert set(r["subsets"]) == {"all", "teacher_a", "teacher_b"}
+    md = (out / "ablation.md").read_text()
+    assert "aggregation + TA" in md and "SA + TA" in md and "teacher_a AP50" in md
+    assert "aggregation + TA" in capsys.readouterr().out
+    assert main([*args, "--variants", "nope"]) == 2
+
+
+def test_configs_demo_toml_mirrors_the_built_in_defaults():
+    with (REPO / "configs" / "demo.toml").open("rb") as f:
+        data = tomllib.load(f)
+    assert data == DEMO_DEFAULTS
+    assert load_demo_config(REPO / "configs" / "demo.toml") == load_demo_config()
+
+
+def test_demo_overrides(tmp_path):
+    cfg = load_demo_config(
+        None,
+        [
+            "teacher.train.max_steps=7",
+            "student.amalgamation.sa=false",
+            "demo.num_eval_images=12",
+        ],
+    )
+    assert cfg.teacher.train.max_steps == 7 and not cfg.student.amalgamation.sa
+    assert cfg.demo.num_eval_images == 12
+    assert cfg.teacher_config("teacher_b", tmp_path).data.teacher == "teacher_b"
+    quick = load_demo_config(None, quick=True)
+    assert quick.teacher.train.max_steps < 50 and quick.student.train.max_steps < 50
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("demo.nope=1", "demo.nope"),
+        ("teacher.train.max_stpes=3", "train.max_stpes"),
+        ("student.amalgamation.topn=3", "amalgamation.topn"),
+        ("student.amalgamation.init_from=teacher_z", "init_from"),
+        ("demo.split=nope", "demo.split"),
+        ("model.preset=x", "unknown section 'model'"),
+    ],
+)
+def test_demo_override_errors_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_demo_config(None, [override])
+
+
+def test_cli_demo_bad_override_is_a_one_line_error(capsys):
+    assert main(["demo", "--quick", "--set", "demo.grid_images=many"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ka-rs demo: error:") and "demo.grid_images" in err
