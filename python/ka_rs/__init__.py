@@ -33,6 +33,10 @@ _EXPORTS: dict[str, str] = {
     "AggregationHintLoss": "ka_rs.losses.sa",
     "TaskAmalgamationLoss": "ka_rs.losses.ta",
     "amalgamation_weight": "ka_rs.losses.ta",
+    # amalgamation engine
+    "amalgamate": "ka_rs.engine.amalgamate",
+    "load_amalgamate_config": "ka_rs.engine.amalgamate",
+    "load_teachers": "ka_rs.engine.amalgamate",
     # data
     "ShapesDataset": "ka_rs.data",
     "CocoDetection": "ka_rs.data",
