@@ -185,7 +185,9 @@ def test_parse_override_values():
     assert parse_override("a.b.c=[1,2]") == (["a", "b", "c"], [1, 2])
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("teacher_*.toml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted((REPO / "configs").glob("teacher_*.toml")), ids=lambda p: p.name
+)
 def test_shipped_configs_load(path):
     cfg = load_config(path)
     cfg.validate()
