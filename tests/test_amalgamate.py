@@ -212,6 +212,9 @@ def test_label_free_run_writes_outputs_and_leaves_teachers_untouched(teachers, t
     assert res.class_names == [*SPLIT["teacher_a"], *SPLIT["teacher_b"]]
     files = {p.name for p in tmp_path.iterdir()}
     assert {"config.toml", "metrics.jsonl", "checkpoint.pt", "eval.json"} <= files
+    # the run records its resolved config: the image size comes from the first teacher
+    assert cfg.data.image_size == 0
+    cfg.data.image_size = 32
     assert load_amalgamate_config(tmp_path / "config.toml") == cfg
     train = read_metrics(tmp_path / "metrics.jsonl", "train")
     assert [r["step"] for r in train] == [1, 2, 3]
@@ -348,8 +351,6 @@ def test_cli_amalgamate_and_evaluate_a_student(teachers, tmp_path, capsys):
                 "shapes",
                 "--num-images",
                 "4",
-                "--set",
-                "data.image_size=32",
                 "--subsets",
                 "shapes-halves",
                 "--json",

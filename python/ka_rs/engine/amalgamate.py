@@ -584,6 +584,7 @@ def amalgamate(
         config.validate()
     elif len(teachers) < 2:
         raise ValueError(f"teachers: amalgamation needs at least 2 teachers, got {len(teachers)}")
+    config = copy.deepcopy(config)  # resolved values (image size) are recorded in the run
     amg = config.amalgamation
     own_dist = info is None
     info = info or init_distributed(config.train.device)
@@ -605,14 +606,18 @@ def amalgamate(
         subsets = _teacher_subsets(teachers)
 
         # data: the student's images; classes = the union (labels only used label-assisted)
-        data = copy.deepcopy(config.data)
+        data = config.data
         if not data.image_size:
             tdata = (teachers[0].config or {}).get("data", {})
             preset = (teachers[0].config or {}).get("model", {}).get("preset", "")
             data.image_size = int(tdata.get("image_size") or 0) or int(
                 _preset_hints(preset).get("image_size", 128)
             )
-        data.split, data.teacher, data.classes = "", "", []
+        if data.split or data.teacher or data.classes:
+            raise ConfigError(
+                "data.split / data.teacher / data.classes: the student's classes are the "
+                "teachers' union; leave these empty"
+            )
         train_ds, val_ds, all_classes = build_datasets(data)
         missing = [c for c in union if c not in all_classes]
         if missing:

@@ -154,7 +154,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         try:
             cfg = Config.from_dict(det.config, source=f"config in {args.checkpoint}")
         except ValueError:
-            cfg = Config()
+            try:  # e.g. a student's amalgamation config: keep its data/train sections
+                engine = {k: v for k, v in det.config.items() if k in ("data", "train")}
+                cfg = Config.from_dict(engine, source=f"config in {args.checkpoint}")
+            except ValueError:
+                cfg = Config()
     overrides = list(args.overrides)
     for flag, key in (
         ("data", "source"),
