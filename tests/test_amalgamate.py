@@ -40,6 +40,15 @@ TINY = {
 SPLIT = get_split("shapes-halves")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models: one intra-op thread is as fast and does not oversubscribe a busy box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _save_teacher(path: Path, name: str, seed: int, variant: str = "anchor") -> Path:
     torch.manual_seed(seed)
     preset = "anchor_tiny" if variant == "anchor" else "detr_tiny"

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from ka_rs.cli import main
 from ka_rs.engine.config import ConfigError
 from ka_rs.engine.demo import DEMO_DEFAULTS, load_demo_config, teacher_key
@@ -19,13 +20,28 @@ except ModuleNotFoundError:  # pragma: no cover
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """The commands below run with ``--threads 1``; give the rest of the session its setting."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
     root = tmp_path_factory.mktemp("demo")
     cache, out = root / "cache", root / "run"
-    code = main(
-        ["demo", "--quick", "--cache-dir", str(cache), "--output", str(out), "--no-progress"]
-    )
+    threads = torch.get_num_threads()
+    try:  # one thread: tiny models gain nothing from more, and a busy CI box loses a lot
+        code = main(
+            [
+                *("demo", "--quick", "--threads", "1", "--cache-dir", str(cache)),
+                *("--output", str(out), "--no-progress"),
+            ]
+        )
+    finally:
+        torch.set_num_threads(threads)
     assert code == 0
     return cache, out, json.loads((out / "results.json").read_text())
 
@@ -55,7 +71,8 @@ def test_quick_demo_writes_the_run_folder(quick_demo):
 def test_second_demo_reuses_the_cached_teachers(quick_demo, tmp_path):
     cache, _, first = quick_demo
     out = tmp_path / "again"
-    args = ["demo", "--quick", "--cache-dir", str(cache), "--output", str(out), "--no-progress"]
+    args = ["demo", "--quick", "--threads", "1", "--cache-dir", str(cache), "--output", str(out)]
+    args.append("--no-progress")
     assert main(args) == 0
     res = json.loads((out / "results.json").read_text())
     assert all(t["cached"] for t in res["teachers"])
@@ -80,7 +97,7 @@ def test_second_demo_reuses_the_cached_teachers(quick_demo, tmp_path):
 def test_quick_ablation_reuses_the_demo_student(quick_demo, tmp_path, capsys):
     cache, _, _ = quick_demo
     out = tmp_path / "abl"
-    args = ["ablate", "--quick", "--cache-dir", str(cache), "--output", str(out)]
+    args = ["ablate", "--quick", "--threads", "1", "--cache-dir", str(cache), "--output", str(out)]
     assert main([*args, "--no-progress", "--variants", "sa_ta,aggregation_ta"]) == 0
     res = json.loads((out / "ablation.json").read_text())
     rows = {r["variant"]: r for r in res["rows"]}
