@@ -193,7 +193,6 @@ class TrainLoop:
         collate_fn: batch builder (default :func:`ka_rs.data.collate_fn`).
         info: distributed setup from :func:`init_distributed`.
         kind: checkpoint ``kind``.
-        parameters_to_clip: parameters for gradient clipping (default: all trainable).
         optimizer: a pre-built optimiser (default :func:`build_optimizer`).
         extra_checkpoint: ``() -> dict`` of extra plain entries saved in each checkpoint.
         find_unused_parameters: passed to DDP (True when some trainable parameters may get
@@ -258,6 +257,7 @@ class TrainLoop:
             )
         self.metrics: MetricsWriter | None = None
         self.last_eval_result: Any = None
+        self._t_start = time.perf_counter()
 
     # -- checkpoints
 
