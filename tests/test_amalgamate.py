@@ -436,3 +436,35 @@ def test_paper_split_configs_load(name, split, source):
     a = cfg.amalgamation
     assert a.sa and a.ta and not a.aggregation and not a.cross_slot_attention
     assert (cfg.optim.lr, cfg.optim.lr_backbone, cfg.optim.clip_max_norm) == (1e-4, 1e-5, 0.1)
+
+
+def test_teacher_cache_matches_live_teachers(teachers, tmp_path):
+    """Cached teacher outputs give the losses that live teachers give on the same images."""
+    fixed = ("data.flip=false", "data.color_jitter=0.0", "data.scales=[32]")
+    live = amalgamate(run_config(tmp_path / "live", teachers, "train.max_steps=2", *fixed))
+    cached = amalgamate(
+        run_config(
+            tmp_path / "cached", teachers, "train.max_steps=2", "amalgamation.cache_teachers=true"
+        )
+    )
+    a = read_metrics(live.output_dir / "metrics.jsonl", "train")
+    b = read_metrics(cached.output_dir / "metrics.jsonl", "train")
+    for ra, rb in zip(a, b, strict=True):
+        assert rb["pseudo_per_image"] == ra["pseudo_per_image"]
+        assert rb["loss_ta"] == pytest.approx(ra["loss_ta"], rel=1e-4)
+        assert rb["loss_sa"] == pytest.approx(ra["loss_sa"], rel=2e-3)  # float16 sequences
+    # the run records the fixed-image data settings it trained with
+    cfg = load_amalgamate_config(cached.output_dir / "config.toml")
+    assert (cfg.data.flip, cfg.data.color_jitter, cfg.data.scales) == (False, 0.0, [32])
+
+
+def test_teacher_cache_refuses_images_of_several_sizes(teachers, tmp_path):
+    from ka_rs.engine.amalgamate import TeacherCache
+
+    ts = load_teachers(teachers)
+    items = [
+        (torch.zeros(3, 32, 32), {"image_id": 1}),
+        (torch.zeros(3, 32, 48), {"image_id": 2}),
+    ]
+    with pytest.raises(ConfigError, match="one size"):
+        TeacherCache.build(ts, items)

@@ -76,6 +76,7 @@ except ModuleNotFoundError:  # pragma: no cover
 
 __all__ = [
     "AmalgamateConfig",
+    "TeacherCache",
     "AmalgamationConfig",
     "AmalgamationResult",
     "LoadedTeacher",
@@ -115,6 +116,13 @@ class AmalgamationConfig:
             :func:`init_student_from_teacher`). All teachers must share its architecture.
         student: :class:`~ka_rs.models.DetrConfig` field overrides for the student
             (e.g. ``{num_queries = 30}``); by default it copies the first teacher's.
+    Speed:
+        cache_teachers: label the training images ONCE with the teachers (their predictions
+            and, for SA / aggregation, their sequences) and keep images and outputs in memory;
+            the student then trains on those fixed images without augmentation (no random
+            resize, flip or colour jitter) and the teachers do not run during training. It
+            pays off when the student sees each image several times. Needs images of one size
+            (e.g. the shapes data); memory ≈ N_images × (image + teachers' outputs).
     """
 
     sa: bool = True
@@ -136,6 +144,7 @@ class AmalgamationConfig:
     cross_slot_attention: bool = False
     init_from: str = ""
     student: dict[str, Any] = field(default_factory=dict)
+    cache_teachers: bool = False
 
 
 def _default_train() -> TrainConfig:
@@ -502,6 +511,139 @@ def _average_grads_across_ranks(params: Iterable[nn.Parameter]) -> None:
         p.register_hook(hook)
 
 
+class _ListDataset(torch.utils.data.Dataset):
+    """In-memory ``(image, target)`` items (the teacher cache's fixed training images)."""
+
+    def __init__(self, items: list[tuple[torch.Tensor, dict[str, Any]]]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        return self.items[index]
+
+
+class TeacherCache:
+    """The teachers' outputs on every training image, computed once (``cache_teachers``).
+
+    Holds the (deterministically transformed) images and targets as :attr:`dataset` and, per
+    teacher, ``pred_logits`` (N, Q_k, K_k), ``pred_boxes`` (N, Q_k, 4) and, if requested, the
+    SA hook-point sequences (N, S, d) (float16), indexed by image id. All images must have one
+    size (the sequences of a padded batch would depend on the batch).
+    """
+
+    def __init__(
+        self,
+        items: list[tuple[torch.Tensor, dict[str, Any]]],
+        outputs: list[dict[str, Any]],
+        positions: dict[int, int],
+        seconds: float,
+    ) -> None:
+        self.dataset = _ListDataset(items)
+        self._outputs = outputs
+        self._positions = positions
+        self.seconds = seconds
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the cached images and outputs."""
+        n = sum(int(img.numel() * img.element_size()) for img, _ in self.dataset.items)
+        for out in self._outputs:
+            for v in (out["pred_logits"], out["pred_boxes"], *out["sequences"]):
+                n += int(v.numel() * v.element_size())
+        return n
+
+    @classmethod
+    @torch.no_grad()
+    def build(
+        cls,
+        teachers: Sequence[LoadedTeacher],
+        dataset: Any,
+        *,
+        batch_size: int = 32,
+        device: torch.device | str = "cpu",
+        sequences: bool = True,
+        progress: bool = False,
+    ) -> TeacherCache:
+        """Render every item of ``dataset`` once and run every teacher on it."""
+        import time
+
+        from ka_rs.data import collate_fn
+        from ka_rs.engine.logging import make_progress
+
+        t0 = time.perf_counter()
+        items = [dataset[i] for i in range(len(dataset))]
+        sizes = {tuple(img.shape[-2:]) for img, _ in items}
+        if len(sizes) > 1:
+            raise ConfigError(
+                f"amalgamation.cache_teachers: needs training images of one size, got "
+                f"{len(sizes)} sizes (e.g. {sorted(sizes)[:3]}); turn the cache off"
+            )
+        positions: dict[int, int] = {}
+        for i, (_, tgt) in enumerate(items):
+            iid = int(tgt["image_id"])
+            if iid in positions:
+                raise ValueError(f"dataset: image id {iid} appears twice; cannot cache by id")
+            positions[iid] = i
+        chunks: list[list[dict[str, Any]]] = [[] for _ in teachers]
+        with make_progress(enabled=progress, transient=True) as bar:
+            task = bar.add_task("labelling with the teachers", total=len(items))
+            for start in range(0, len(items), batch_size):
+                images, mask, _ = collate_fn(items[start : start + batch_size])
+                images, mask = images.to(device), mask.to(device)
+                for k, t in enumerate(teachers):
+                    out = t.model(images, mask)
+                    chunks[k].append(
+                        {
+                            "pred_logits": out.pred_logits.float().cpu(),
+                            "pred_boxes": out.pred_boxes.float().cpu(),
+                            "sequences": [x.half().cpu() for x in out.sequences]
+                            if sequences
+                            else [],
+                        }
+                    )
+                bar.advance(task, images.shape[0])
+        outputs = []
+        for per_teacher in chunks:
+            n_points = len(per_teacher[0]["sequences"])
+            outputs.append(
+                {
+                    "pred_logits": torch.cat([c["pred_logits"] for c in per_teacher]),
+                    "pred_boxes": torch.cat([c["pred_boxes"] for c in per_teacher]),
+                    "sequences": [
+                        torch.cat([c["sequences"][p] for c in per_teacher]) for p in range(n_points)
+                    ],
+                }
+            )
+        return cls(items, outputs, positions, time.perf_counter() - t0)
+
+    def outputs(self, targets: Sequence[Mapping[str, Any]], device: torch.device) -> list[Any]:
+        """The teachers' cached outputs for a batch (DetrOutput-like, in teacher order)."""
+        from ka_rs.models import DetrOutput
+
+        idx = torch.tensor([self._positions[int(t["image_id"])] for t in targets])
+        result = []
+        for out in self._outputs:
+            seqs = [x[idx].to(device=device, dtype=torch.float32) for x in out["sequences"]]
+            result.append(
+                DetrOutput(
+                    pred_logits=out["pred_logits"][idx].to(device),
+                    pred_boxes=out["pred_boxes"][idx].to(device),
+                    sequences=seqs,
+                    padding_mask=(
+                        torch.zeros(seqs[0].shape[:2], dtype=torch.bool, device=device)
+                        if seqs
+                        else None
+                    ),
+                )
+            )
+        return result
+
+
 @dataclass
 class AmalgamationResult:
     """What :func:`amalgamate` returns (on every rank)."""
@@ -618,6 +760,8 @@ def amalgamate(
                 "data.split / data.teacher / data.classes: the student's classes are the "
                 "teachers' union; leave these empty"
             )
+        if amg.cache_teachers:  # fixed images: the cached teacher outputs must stay valid
+            data.flip, data.color_jitter, data.scales = False, 0.0, [data.image_size]
         train_ds, val_ds, all_classes = build_datasets(data)
         missing = [c for c in union if c not in all_classes]
         if missing:
@@ -680,6 +824,25 @@ def amalgamate(
         criterion = build_criterion(student.config).to(info.device)
         nms_iou = amg.nms_iou if amg.nms_iou >= 0 else None
         loop_ref: dict[str, Any] = {}
+        cache: TeacherCache | None = None
+        if amg.cache_teachers:
+            cache = TeacherCache.build(
+                teachers,
+                train_ds,
+                batch_size=config.train.eval_batch_size or 2 * config.train.batch_size,
+                device=info.device,
+                sequences=amg.sa or amg.aggregation,
+                progress=config.train.progress and info.is_main,
+            )
+            train_ds = cache.dataset
+            if info.is_main:
+                log.info(
+                    "teacher cache: %d images labelled by %d teachers in %.1f s (%.0f MiB)",
+                    len(cache),
+                    len(teachers),
+                    cache.seconds,
+                    cache.nbytes / 2**20,
+                )
 
         def loss_fn(
             net: nn.Module, images: torch.Tensor, mask: torch.Tensor, targets: list[dict]
@@ -689,8 +852,11 @@ def amalgamate(
             if amg.mode == "label_assisted":
                 w_gt = amg.gt_weight
                 w_amg = max(0.0, 1.0 - loop.state.epoch / loop_ref["epochs"])
-            with torch.no_grad():
-                t_outs = [t.model(images, mask) for t in teachers]
+            if cache is not None:
+                t_outs = cache.outputs(targets, images.device)
+            else:
+                with torch.no_grad():
+                    t_outs = [t.model(images, mask) for t in teachers]
             out = net(images, mask)
             comps: dict[str, Any] = {}
             total = out.pred_logits.new_zeros(())
