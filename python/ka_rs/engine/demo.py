@@ -650,7 +650,7 @@ def run_demo(
     # 4. figures
     t0 = time.perf_counter()
     figures: dict[str, str] = {}
-    curves = {f"teacher {r.name}": read_metrics(r.run_dir / "metrics.jsonl") for r in runs}
+    curves = {f"{r.name} (teacher)": read_metrics(r.run_dir / "metrics.jsonl") for r in runs}
     curves["student"] = read_metrics(Path(scfg.train.output_dir) / "metrics.jsonl")
     figures["loss_curves"] = plot_loss_curves(
         curves, out / "loss_curves.png", title="training loss and validation AP50"

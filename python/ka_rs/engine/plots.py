@@ -63,7 +63,8 @@ def plot_loss_curves(
         evals = [r for r in records if r.get("type") == "eval" and r.get(metric) is not None]
         if trains:
             ax.plot([r["step"] for r in trains], [r["loss"] for r in trains], lw=1, color="C0")
-            if all(r["loss"] > 0 for r in trains):
+            losses = [r["loss"] for r in trains]
+            if min(losses) > 0 and max(losses) / min(losses) > 10:
                 ax.set_yscale("log")
         ax.set_xlabel("step")
         ax.set_ylabel("training loss", color="C0")
@@ -105,7 +106,8 @@ def plot_ap_per_class(
     """
     plt = _plt()
     x = np.arange(len(class_names))
-    fig, axes = plt.subplots(1, 2, figsize=(max(8.0, 1.3 * len(class_names) * 2), 3.8))
+    width = max(5.0, 0.75 * len(class_names))
+    fig, axes = plt.subplots(1, 2, figsize=(2 * width, 3.8))
     for ax, key in zip(axes, ("AP50", "AP"), strict=True):
         t = [max(teacher_ap.get(c, {}).get(key, 0.0), 0.0) for c in class_names]
         s = [max(student_ap.get(c, {}).get(key, 0.0), 0.0) for c in class_names]
