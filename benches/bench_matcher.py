@@ -166,13 +166,22 @@ def make_batch(b: int, q: int, num_classes: int, max_targets: int, layers: int, 
     return outs, targets
 
 
-def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
-    """Run each fn once to warm up, then ``repeats`` rounds of all fns in turn (seconds)."""
+def time_interleaved(
+    fns: dict[str, Callable[[], object]], repeats: int, settle: float = 0.0
+) -> dict[str, list[float]]:
+    """Run each fn once to warm up, then ``repeats`` rounds of all fns in turn (seconds).
+
+    ``settle`` seconds of sleep before each timed call let the previous method's threads go
+    idle: torch's OpenMP workers keep spinning for a while after a parallel op and would
+    otherwise steal the 2 cores from whatever is timed next (scipy or ka_rs).
+    """
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            if settle:
+                time.sleep(settle)
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
@@ -205,7 +214,7 @@ def bench_matcher(b: int, q: int, args: argparse.Namespace) -> dict:
         "d_ka_rs": lambda: ours.match_layers([out0], targets),
         "d_ka_rs_all_layers": lambda: ours.match_layers(outs, targets),
     }
-    t = time_interleaved(fns, args.repeats)
+    t = time_interleaved(fns, args.repeats, args.settle)
     med = {k: statistics.median(v) for k, v in t.items()}
     med["d_ka_rs_per_layer"] = med["d_ka_rs_all_layers"] / args.layers
     best = {k: min(v) for k, v in t.items()}
@@ -235,6 +244,7 @@ def bench_box_iou(n: int, args: argparse.Namespace) -> dict:
     t = time_interleaved(
         {"torch": lambda: torch_box_iou(a, b)[0], "ka_rs": lambda: ka_rs.box_iou(a, b)},
         max(args.repeats, 9),
+        args.settle,
     )
     med = {k: statistics.median(v) for k, v in t.items()}
     best = {k: min(v) for k, v in t.items()}
@@ -261,6 +271,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--iou-boxes", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--settle", type=float, default=0.05, help="idle seconds before each timing")
     p.add_argument(
         "--torch-threads", type=int, default=None, help="torch.set_num_threads (default: torch's)"
     )
