@@ -33,6 +33,11 @@ _EXPORTS: dict[str, str] = {
     "AggregationHintLoss": "ka_rs.losses.sa",
     "TaskAmalgamationLoss": "ka_rs.losses.ta",
     "amalgamation_weight": "ka_rs.losses.ta",
+    # teacher training and evaluation engine
+    "train_teacher": "ka_rs.engine.train",
+    "load_config": "ka_rs.engine.config",
+    "evaluate": "ka_rs.engine.evaluate",
+    "load_detector": "ka_rs.engine.checkpoint",
     # amalgamation engine
     "amalgamate": "ka_rs.engine.amalgamate",
     "load_amalgamate_config": "ka_rs.engine.amalgamate",
