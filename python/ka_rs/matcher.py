@@ -376,18 +376,22 @@ class HungarianMatcher:
         try:
             labels = [t["labels"] for t in targets]
             boxes = [t["boxes"] for t in targets]
-            sizes = np.empty(len(labels), dtype=np.int64)
-            for i, (lab, box) in enumerate(zip(labels, boxes, strict=True)):
-                if not (type(lab) is torch.Tensor and type(box) is torch.Tensor):
-                    return None
-                n = lab.shape[0] if lab.dim() == 1 else -1
-                if box.shape != (n, 4):
-                    return None
-                sizes[i] = n
+            if not all(type(x) is torch.Tensor for x in labels) or not all(
+                type(x) is torch.Tensor for x in boxes
+            ):
+                return None
+            counts = [x.shape[0] for x in labels]  # 0-d labels raise: the checked path names them
+            if counts != [x.shape[0] for x in boxes]:
+                return None
             lab = torch.cat(labels)  # small: serial, no intra-op pool
             box = torch.cat(boxes)
         except Exception:  # missing keys, mixed devices, ...: the checked path names the problem
             return None
+        # after the cat, 1-D labels and (ΣT, 4) boxes mean every image had (T_i,) and (T_i, 4)
+        # (cat only joins tensors of one rank; legacy empty (0,) boxes of an empty image are fine)
+        if lab.dim() != 1 or box.dim() != 2 or box.shape[1] != 4:
+            return None
+        sizes = np.array(counts, dtype=np.int64)
         if not _is_int(lab) or not box.is_floating_point():
             return None
         lab = lab.cpu() if lab.dtype == torch.int64 else lab.cpu().to(torch.int64)

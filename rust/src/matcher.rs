@@ -3,7 +3,8 @@
 //! Every (layer, image) pair is an independent problem: build that image's own Q×T_b cost
 //! block ([`crate::cost`]) and solve it exactly ([`crate::lsap`]). Targets are ragged
 //! (`target_sizes`), never padded. Problems run in parallel on the process-local pool only
-//! when the total work is above [`crate::pool::PARALLEL_MIN_WORK`].
+//! when the total work is above [`crate::pool::PARALLEL_MIN_WORK`] and the machine has a spare
+//! core ([`crate::pool::spare_core`]).
 //!
 //! Output (flat, like the Python side wants it): for the blocks in order layer-major then
 //! image, `pred_idx` / `target_idx` hold min(Q, T_b) pairs per block sorted by `pred_idx`,
@@ -74,8 +75,7 @@ fn solve_problem(
         p.id,
     )?;
     let block = &ws.cost.cost;
-    // x * 0 is NaN exactly for non-finite x; a plain sum vectorises (unlike `any`).
-    if block.iter().map(|&c| c * 0.0).sum::<f64>() != 0.0 {
+    if !all_finite(block) {
         return Err(KaError::invalid(
             "cost_class/cost_bbox/cost_giou",
             format!(
@@ -110,6 +110,21 @@ fn solve_problem(
         .collect())
 }
 
+/// True when every entry is finite. `x * 0` is NaN exactly for non-finite `x`; eight
+/// independent lanes let the loop vectorise (a single f64 running sum is a serial chain
+/// of adds, since the compiler may not reassociate it).
+fn all_finite(xs: &[f64]) -> bool {
+    let mut acc = [0.0f64; 8];
+    let mut chunks = xs.chunks_exact(8);
+    for c in &mut chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a += x * 0.0;
+        }
+    }
+    let tail: f64 = chunks.remainder().iter().map(|&x| x * 0.0).sum();
+    acc.iter().sum::<f64>() + tail == 0.0
+}
+
 /// Match `L` prediction sets × `B` images in one call.
 ///
 /// - `pred_logits` (L, B, Q, K) f32 — K = C + 1 for the softmax class cost (last = no-object),
@@ -126,6 +141,27 @@ pub fn match_layers(
     target_boxes: ArrayView2<f32>,
     target_sizes: ArrayView1<i64>,
     params: &CostParams,
+) -> KaResult<MatchOutput> {
+    match_layers_impl(
+        pred_logits,
+        pred_boxes,
+        target_labels,
+        target_boxes,
+        target_sizes,
+        params,
+        pool::spare_core,
+    )
+}
+
+/// [`match_layers`] with the "is a core spare?" check injectable (tests force parallelism).
+fn match_layers_impl(
+    pred_logits: ArrayView4<f32>,
+    pred_boxes: ArrayView4<f32>,
+    target_labels: ArrayView1<i64>,
+    target_boxes: ArrayView2<f32>,
+    target_sizes: ArrayView1<i64>,
+    params: &CostParams,
+    spare_core: fn() -> bool,
 ) -> KaResult<MatchOutput> {
     let (nl, nb, nq, k) = pred_logits.dim();
     let bd = pred_boxes.dim();
@@ -232,7 +268,7 @@ pub fn match_layers(
         .map(|b| nq * (k + 8 * (offsets[b + 1] - offsets[b])))
         .sum::<usize>()
         * nl;
-    let parallel = pool::worth_parallel(work);
+    let parallel = pool::worth_parallel(work) && spare_core();
     let results = pool::map_indices(
         nprob,
         parallel,
@@ -459,13 +495,14 @@ mod tests {
         let mut r = Rng(77);
         let p = CostParams::detr();
         let bt = random_batch(&mut r, 2, 16, 100, 92, 91, 30);
-        let out = match_layers(
+        let out = match_layers_impl(
             bt.logits.view(),
             bt.boxes.view(),
             bt.labels.view(),
             bt.tboxes.view(),
             bt.sizes.view(),
             &p,
+            || true, // parallel even on a busy machine
         )
         .unwrap();
         // one image at a time (always sequential) must give the same blocks

@@ -73,17 +73,18 @@ where
     T: numpy::Element,
     D: numpy::ndarray::Dimension,
 {
+    if let Ok(a) = obj.extract::<numpy::PyReadonlyArray<'py, T, D>>() {
+        return Ok(a);
+    }
+    // describe the argument only on failure: it costs a few Python attribute lookups
     let (dtype, shape) = describe(obj, arg)?;
-    obj.extract::<numpy::PyReadonlyArray<'py, T, D>>()
-        .map_err(|_| {
-            invalid(
-                arg,
-                format!(
-                    "expected {want}, got dtype {dtype} with shape {}",
-                    shape_str(&shape)
-                ),
-            )
-        })
+    Err(invalid(
+        arg,
+        format!(
+            "expected {want}, got dtype {dtype} with shape {}",
+            shape_str(&shape)
+        ),
+    ))
 }
 
 /// A 2-D float32 or float64 array.
