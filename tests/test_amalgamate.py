@@ -3,6 +3,7 @@ schedule, aggregation projection trained, resume exactness, CLI errors, torchrun
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -26,7 +27,7 @@ from ka_rs.engine.checkpoint import load_checkpoint, save_checkpoint
 from ka_rs.engine.config import ConfigError, dump_toml
 from ka_rs.engine.logging import read_metrics
 from ka_rs.labels import LabelSpace
-from ka_rs.models import AmalgamationStudent, build_model, build_student
+from ka_rs.models import AmalgamationStudent, DetrConfig, build_model, build_student
 
 TINY = {
     "hidden_dim": 32,
@@ -49,10 +50,12 @@ def _one_torch_thread():
     torch.set_num_threads(threads)
 
 
-def _save_teacher(path: Path, name: str, seed: int, variant: str = "anchor") -> Path:
+def _save_teacher(
+    path: Path, name: str, seed: int, variant: str = "anchor", **overrides: object
+) -> Path:
     torch.manual_seed(seed)
     preset = "anchor_tiny" if variant == "anchor" else "detr_tiny"
-    model = build_model(preset, len(SPLIT[name]), **TINY)
+    model = build_model(preset, len(SPLIT[name]), **{**TINY, **overrides})
     with torch.no_grad():  # make some queries confident so that TA gets pseudo-targets
         model.class_embed.bias.add_(torch.linspace(0, 4, model.class_embed.bias.numel()))
     save_checkpoint(
@@ -165,11 +168,17 @@ def test_cli_amalgamate_user_errors(teachers, capsys):
 # student initialisation (extension)
 
 
+# the anchor variant with and without its optional cross-attention box prior (if the model has it)
+_VARIANTS = [("anchor", {}), ("detr", {})]
+if "box_prior" in {f.name for f in dataclasses.fields(DetrConfig)}:
+    _VARIANTS.append(("anchor", {"box_prior": True}))
+
+
 @pytest.mark.parametrize("cross", [False, True])
-@pytest.mark.parametrize("variant", ["anchor", "detr"])
-def test_student_initialised_from_a_teacher_reproduces_it(tmp_path, cross, variant):
+@pytest.mark.parametrize(("variant", "extra"), _VARIANTS)
+def test_student_initialised_from_a_teacher_reproduces_it(tmp_path, cross, variant, extra):
     paths = {
-        n: str(_save_teacher(tmp_path / f"{n}.pt", n, s, variant))
+        n: str(_save_teacher(tmp_path / f"{n}.pt", n, s, variant, **extra))
         for s, n in enumerate(("teacher_a", "teacher_b"))
     }
     ts = load_teachers(paths)
