@@ -98,11 +98,15 @@ def test_quick_ablation_reuses_the_demo_student(quick_demo, tmp_path, capsys):
     cache, _, _ = quick_demo
     out = tmp_path / "abl"
     args = ["ablate", "--quick", "--threads", "1", "--cache-dir", str(cache), "--output", str(out)]
-    assert main([*args, "--no-progress", "--variants", "sa_ta,aggregation_ta"]) == 0
+    assert main([*args, "--no-progress", "--variants", "sa_ta,ta,aggregation_ta"]) == 0
     res = json.loads((out / "ablation.json").read_text())
+    assert [r["variant"] for r in res["rows"]] == ["sa_ta", "ta", "aggregation_ta"]
     rows = {r["variant"]: r for r in res["rows"]}
     assert rows["sa_ta"]["source"].startswith("reused")  # the demo's identical SA + TA run
-    assert rows["aggregation_ta"]["source"] == "trained"
+    # the other two trained side by side in worker processes, each logging to its folder
+    for name in ("ta", "aggregation_ta"):
+        assert rows[name]["source"] == "trained" and rows[name]["steps"] == 6
+        assert (out / name / "train.log").is_file() and (out / name / "checkpoint.pt").is_file()
     for r in rows.values():
         assert set(r["subsets"]) == {"all", "teacher_a", "teacher_b"}
     md = (out / "ablation.md").read_text()

@@ -25,19 +25,72 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ka_rs.engine.amalgamate import amalgamate, apply_amalgamate_overrides, load_teachers
+from ka_rs.engine.amalgamate import (
+    AmalgamateConfig,
+    amalgamate,
+    apply_amalgamate_overrides,
+    load_teachers,
+)
 from ka_rs.engine.demo import (
     DemoConfig,
+    Job,
     _loadavg,
     default_cache_dir,
     ensure_teachers,
     eval_dataset,
     evaluate_on_test,
+    resolve_workers,
+    run_jobs,
     student_key,
     write_student_cache,
 )
 
 __all__ = ["VARIANTS", "ablation_markdown", "run_ablation"]
+
+
+def _train_and_evaluate(scfg: AmalgamateConfig, cfg: DemoConfig) -> dict[str, Any]:
+    """Train one variant's student and evaluate it on the demo's held-out images."""
+    t0 = time.perf_counter()
+    res = amalgamate(scfg, keep_model=True)
+    assert res.model is not None
+    ev = evaluate_on_test(res.model, eval_dataset(cfg), res.class_names, res.subsets)
+    return {
+        "eval": ev.to_dict(),
+        "run_dir": str(res.output_dir),
+        "steps": res.step,
+        "train_minutes": res.train_minutes,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def _job_amalgamate(
+    cfg_dict: dict[str, Any], demo_dict: dict[str, Any], threads: int, log_path: str
+) -> dict[str, Any]:
+    """Child process: one ablation variant (see :func:`run_ablation`)."""
+    import torch
+
+    from ka_rs.engine.demo import _demo_from_dict, _redirect_output
+
+    _redirect_output(log_path)
+    torch.set_num_threads(threads)
+    scfg = AmalgamateConfig.from_dict(cfg_dict)
+    return _train_and_evaluate(scfg, _demo_from_dict(demo_dict, "demo config"))
+
+
+def _row(name: str, source: str, info: dict[str, Any]) -> dict[str, Any]:
+    desc = VARIANTS[name][0]
+    return {
+        "variant": name,
+        "description": desc,
+        "source": source,
+        "steps": info.get("steps"),
+        "train_minutes": info.get("train_minutes"),
+        "seconds": round(float(info.get("seconds", 0.0)), 1),
+        "subsets": {
+            k: {m: v[m] for m in ("AP", "AP50", "AP75")} for k, v in info["eval"]["subsets"].items()
+        },
+    }
+
 
 #: variant name -> (description, student.amalgamation overrides)
 VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -82,47 +135,68 @@ def run_ablation(
     def say(msg: str) -> None:
         console.print(f"[bold magenta]ablate[/] {msg}")
 
-    runs = ensure_teachers(cfg, cache, progress=progress, log=say)
-    teachers = load_teachers({r.name: str(r.checkpoint) for r in runs})
-    test_ds = eval_dataset(cfg)
-    rows: list[dict[str, Any]] = []
+    runs = ensure_teachers(cfg, cache, progress=progress, log=say, console=console)
+    rows: dict[str, dict[str, Any]] = {}
+    todo: list[tuple[str, AmalgamateConfig]] = []
     for name in names:
         desc, ovs = VARIANTS[name]
         scfg = apply_amalgamate_overrides(cfg.student, ovs)
         scfg.teachers = {r.name: str(r.checkpoint) for r in runs}
         scfg.train.output_dir = str(out / name)
-        scfg.train.progress = progress
         if not scfg.data.image_size:
             scfg.data.image_size = cfg.teacher.data.image_size
         cached = cache / "students" / student_key(scfg, runs, cfg.demo) / "result.json"
-        t0 = time.perf_counter()
         if reuse and cached.is_file():
             info = json.loads(cached.read_text())
-            ev = info["eval"]
-            source = f"reused {info.get('run_dir', '')}"
-            steps, minutes = info.get("steps"), info.get("train_minutes")
-            say(f"{desc}: reusing the cached run {info.get('run_dir', '')}")
+            say(f"{desc}: reusing the cached identical run {info.get('run_dir', '')}")
+            rows[name] = _row(name, f"reused {info.get('run_dir', '')}", info)
         else:
-            say(f"{desc}: training -> {scfg.train.output_dir}")
-            res = amalgamate(scfg, teachers=teachers, keep_model=True)
-            assert res.model is not None
-            result = evaluate_on_test(res.model, test_ds, res.class_names, res.subsets)
-            write_student_cache(cache, scfg, runs, cfg.demo, res, result)
-            ev = result.to_dict()
-            source = "trained"
-            steps, minutes = res.step, res.train_minutes
-        row = {
-            "variant": name,
-            "description": desc,
-            "source": source,
-            "steps": steps,
-            "train_minutes": minutes,
-            "seconds": round(time.perf_counter() - t0, 1),
-            "subsets": {
-                k: {m: v[m] for m in ("AP", "AP50", "AP75")} for k, v in ev["subsets"].items()
-            },
-        }
-        rows.append(row)
+            todo.append((name, scfg))
+    if todo:
+        processes, threads = resolve_workers(cfg.demo.workers, len(todo))
+        say(
+            f"training {len(todo)} variant(s) ({processes} process(es) x {threads} torch "
+            f"thread(s)): {', '.join(VARIANTS[n][0] for n, _ in todo)}"
+        )
+        if processes == 1:
+            results = []
+            for name, scfg in todo:
+                scfg.train.progress = progress
+                say(f"{VARIANTS[name][0]}: training -> {scfg.train.output_dir}")
+                results.append(_train_and_evaluate(scfg, cfg))
+        else:
+            jobs = []
+            for name, scfg in todo:
+                scfg.train.progress = False
+                Path(scfg.train.output_dir).mkdir(parents=True, exist_ok=True)
+                jobs.append(
+                    Job(
+                        label=VARIANTS[name][0],
+                        fn=_job_amalgamate,
+                        kwargs={
+                            "cfg_dict": scfg.to_dict(),
+                            "demo_dict": cfg.to_dict(),
+                            "log_path": str(Path(scfg.train.output_dir) / "train.log"),
+                        },
+                        metrics=Path(scfg.train.output_dir) / "metrics.jsonl",
+                        total_steps=scfg.train.max_steps or 0,
+                    )
+                )
+            results = run_jobs(jobs, processes, threads, progress=progress, console=console)
+        for (name, scfg), info in zip(todo, results, strict=True):
+            write_student_cache(
+                cache,
+                scfg,
+                runs,
+                cfg.demo,
+                evaluation=info["eval"],
+                run_dir=info["run_dir"],
+                steps=info["steps"],
+                train_minutes=info["train_minutes"],
+            )
+            rows[name] = _row(name, "trained", info)
+    teachers = load_teachers({r.name: str(r.checkpoint) for r in runs})
+    test_ds = eval_dataset(cfg)
     load["end"] = _loadavg()
     teacher_names = [r.name for r in runs]
     teacher_ref = {}
@@ -130,7 +204,7 @@ def run_ablation(
         te = evaluate_on_test(t.model, test_ds, t.class_names).subsets["all"]
         teacher_ref[t.name] = {m: te[m] for m in ("AP", "AP50", "AP75")}
     results = {
-        "rows": rows,
+        "rows": [rows[n] for n in names],
         "teachers": teacher_names,
         "teacher_reference": teacher_ref,
         "eval": {"split": cfg.demo.eval_split, "num_images": cfg.demo.num_eval_images},

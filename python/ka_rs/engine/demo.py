@@ -95,6 +95,9 @@ class DemoSettings:
         num_eval_images: images of ``eval_split`` evaluated.
         grid_images: test images drawn in ``detections.png``.
         draw_threshold: minimum score of a drawn detection.
+        workers: processes for independent trainings (the teachers; ablation variants):
+            0 = one per job up to the CPU count, each with CPUs / processes torch threads;
+            1 = one after the other in this process.
     """
 
     split: str = "shapes-halves"
@@ -102,6 +105,7 @@ class DemoSettings:
     num_eval_images: int = 500
     grid_images: int = 8
     draw_threshold: float = 0.35
+    workers: int = 0
 
 
 #: The full demo (``configs/demo.toml`` holds the same values). Budgets are in optimiser steps
@@ -114,6 +118,7 @@ DEMO_DEFAULTS: dict[str, Any] = {
         "num_eval_images": 500,
         "grid_images": 8,
         "draw_threshold": 0.35,
+        "workers": 0,
     },
     "teacher": {
         "model": {"preset": "anchor_tiny"},
@@ -379,6 +384,126 @@ def teacher_key(cfg: DemoConfig, name: str) -> str:
     return config_hash({"teacher": kept, "version": _version()})
 
 
+def resolve_workers(workers: int, num_jobs: int) -> tuple[int, int]:
+    """``(processes, torch threads each)`` for ``num_jobs`` independent trainings.
+
+    ``workers = 0`` (auto): one process per job up to the CPU count, the cores shared out as
+    threads (small models scale far better over processes than over intra-op threads);
+    ``1``: in this process, torch's own thread setting.
+    """
+    cpus = os.cpu_count() or 1
+    n = min(num_jobs, cpus) if workers == 0 else min(workers, max(num_jobs, 1))
+    n = max(1, n)
+    return n, max(1, cpus // n)
+
+
+def _redirect_output(log_path: str) -> None:
+    """Send this (child) process's stdout and stderr to ``log_path``."""
+    import sys
+
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
+    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+
+
+def _job_train_teacher(
+    cfg_dict: dict[str, Any], resume: bool, threads: int, log_path: str
+) -> dict[str, Any]:
+    """Child process: train one teacher (see :func:`ensure_teachers`)."""
+    _redirect_output(log_path)
+    torch.set_num_threads(threads)
+    from ka_rs.engine.train import train_teacher
+
+    cfg = Config.from_dict(cfg_dict)
+    t0 = time.perf_counter()
+    result = train_teacher(cfg, resume=True if resume else None)
+    return {
+        "step": result.state.step,
+        "train_minutes": result.state.train_minutes,
+        "stopped_by": result.stopped_by,
+        "final_eval": dict(result.final_eval),
+        "wall_seconds": time.perf_counter() - t0,
+    }
+
+
+@dataclass
+class Job:
+    """One training run for :func:`run_jobs`: ``fn(**kwargs)`` in a worker process."""
+
+    label: str
+    fn: Any
+    kwargs: dict[str, Any]
+    metrics: Path
+    total_steps: int
+
+
+def run_jobs(
+    jobs: Sequence[Job],
+    processes: int,
+    threads: int,
+    *,
+    progress: bool = True,
+    console: Any = None,
+) -> list[Any]:
+    """Run ``jobs`` in ``processes`` spawned workers (``threads`` torch threads each).
+
+    Each job's output goes to its ``log_path``; this process shows one progress bar per job,
+    read from the job's ``metrics.jsonl`` (step, loss, last validation AP50). Returns the jobs'
+    results in order; a failed job raises ``RuntimeError`` naming it and its log.
+    """
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    from ka_rs.engine.logging import make_progress, read_metrics
+
+    results: list[Any] = [None] * len(jobs)
+    ctx = mp.get_context("spawn")
+    with (
+        cf.ProcessPoolExecutor(max_workers=processes, mp_context=ctx) as pool,
+        make_progress(enabled=progress) as bar,
+    ):
+        futures = {}
+        tasks = {}
+        for i, job in enumerate(jobs):
+            futures[pool.submit(job.fn, **job.kwargs, threads=threads)] = i
+            tasks[i] = bar.add_task(job.label, total=job.total_steps)
+        pending = set(futures)
+        while pending:
+            done, pending = cf.wait(pending, timeout=2.0)
+            for i, job in enumerate(jobs):
+                try:
+                    recs = read_metrics(job.metrics) if job.metrics.is_file() else []
+                except (OSError, ValueError):
+                    recs = []
+                train = [r for r in recs if r.get("type") == "train"]
+                evals = [r for r in recs if r.get("type") == "eval" and "AP50" in r]
+                info = ""
+                if train:
+                    info = (
+                        f"loss {train[-1]['loss']:.3f}  {train[-1].get('img_per_s', 0):.0f} img/s"
+                    )
+                if evals:
+                    info += f"  AP50 {evals[-1]['AP50']:.3f}"
+                step = train[-1]["step"] if train else 0
+                bar.update(tasks[i], completed=min(step, job.total_steps), info=info)
+            for fut in done:
+                i = futures[fut]
+                try:
+                    results[i] = fut.result()
+                except Exception as exc:
+                    log_path = jobs[i].kwargs.get("log_path", "")
+                    raise RuntimeError(
+                        f"{jobs[i].label}: failed in its worker process ({exc}); log: {log_path}"
+                    ) from exc
+                bar.update(tasks[i], completed=jobs[i].total_steps)
+                if console is not None and not progress:
+                    console.print(f"  {jobs[i].label}: done")
+    return results
+
+
 def ensure_teachers(
     cfg: DemoConfig,
     cache_dir: str | Path,
@@ -387,16 +512,20 @@ def ensure_teachers(
     progress: bool = True,
     device: str | None = None,
     log: Any = None,
+    workers: int | None = None,
+    console: Any = None,
 ) -> list[TeacherRun]:
     """Train (or reuse from ``cache_dir``) one teacher per part of ``cfg.demo.split``.
 
     A cached teacher is used when its folder holds ``done.json``; a folder with only a
     ``checkpoint.pt`` (an interrupted run) is resumed; ``fresh`` deletes and retrains.
+    Teachers that need training run side by side in worker processes (``demo.workers``,
+    default: one per teacher up to the CPU count; their logs go to ``<run>/train.log``).
     """
     from ka_rs.data import get_split
-    from ka_rs.engine.train import train_teacher
 
-    runs = []
+    runs: list[TeacherRun | None] = []
+    todo: list[tuple[int, str, list[str], str, Path, Config, bool]] = []
     for name, classes in get_split(cfg.demo.split).items():
         key = teacher_key(cfg, name)
         run_dir = Path(cache_dir) / "teachers" / f"{name}-{key}"
@@ -423,36 +552,75 @@ def ensure_teachers(
             )
             continue
         tcfg = cfg.teacher_config(name, run_dir)
-        tcfg.train.progress = progress
         if device:
             tcfg.train.device = device
-        if log:
-            log(f"teacher {name}: training on {', '.join(classes)} -> {run_dir}")
-        t0 = time.perf_counter()
-        result = train_teacher(tcfg, resume=True if ckpt.is_file() else None)
-        wall = time.perf_counter() - t0
-        summary = {
-            "step": result.state.step,
-            "train_minutes": result.state.train_minutes,
-            "stopped_by": result.stopped_by,
-            "final_eval": result.final_eval,
-            "version": _version(),
-        }
-        done.write_text(json.dumps(summary, indent=2))
-        runs.append(
-            TeacherRun(
+        todo.append((len(runs), name, list(classes), key, run_dir, tcfg, ckpt.is_file()))
+        runs.append(None)
+    if todo:
+        processes, threads = resolve_workers(
+            cfg.demo.workers if workers is None else workers, len(todo)
+        )
+        summaries: list[dict[str, Any]]
+        if processes == 1:
+            from ka_rs.engine.train import train_teacher
+
+            summaries = []
+            for _, name, classes, _, run_dir, tcfg, resume in todo:
+                if log:
+                    log(f"teacher {name}: training on {', '.join(classes)} -> {run_dir}")
+                tcfg.train.progress = progress
+                t0 = time.perf_counter()
+                result = train_teacher(tcfg, resume=True if resume else None)
+                summaries.append(
+                    {
+                        "step": result.state.step,
+                        "train_minutes": result.state.train_minutes,
+                        "stopped_by": result.stopped_by,
+                        "final_eval": dict(result.final_eval),
+                        "wall_seconds": time.perf_counter() - t0,
+                    }
+                )
+        else:
+            if log:
+                log(
+                    f"training {len(todo)} teachers side by side ({processes} processes x "
+                    f"{threads} torch thread(s)): "
+                    + "; ".join(f"{n} on {', '.join(c)}" for _, n, c, *_ in todo)
+                )
+            jobs = []
+            for _, name, _, _, run_dir, tcfg, resume in todo:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                tcfg.train.progress = False
+                jobs.append(
+                    Job(
+                        label=f"teacher {name}",
+                        fn=_job_train_teacher,
+                        kwargs={
+                            "cfg_dict": tcfg.to_dict(),
+                            "resume": resume,
+                            "log_path": str(run_dir / "train.log"),
+                        },
+                        metrics=run_dir / "metrics.jsonl",
+                        total_steps=tcfg.train.max_steps or 0,
+                    )
+                )
+            summaries = run_jobs(jobs, processes, threads, progress=progress, console=console)
+        for (pos, name, classes, key, run_dir, _, _), summary in zip(todo, summaries, strict=True):
+            (run_dir / "done.json").write_text(
+                json.dumps({**summary, "version": _version()}, indent=2)
+            )
+            runs[pos] = TeacherRun(
                 name,
-                list(classes),
-                ckpt,
+                classes,
+                run_dir / "checkpoint.pt",
                 run_dir,
                 key,
                 False,
-                result.state.train_minutes,
-                wall,
-                result.state.step,
+                float(summary["train_minutes"]),
+                float(summary["wall_seconds"]),
+                int(summary["step"]),
             )
-        )
-    return runs
+    return [r for r in runs if r is not None]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -612,7 +780,7 @@ def run_demo(
     say(f"run folder {out}, teacher cache {cache}, torch threads {torch.get_num_threads()}")
     # 1. teachers
     t0 = time.perf_counter()
-    runs = ensure_teachers(cfg, cache, fresh=fresh, progress=progress, log=say)
+    runs = ensure_teachers(cfg, cache, fresh=fresh, progress=progress, log=say, console=console)
     timings["teachers"] = time.perf_counter() - t0
     load["after_teachers"] = _loadavg()
 
@@ -734,7 +902,16 @@ def run_demo(
         "config": cfg.to_dict(),
     }
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    write_student_cache(cache, scfg, runs, cfg.demo, res, student_eval)
+    write_student_cache(
+        cache,
+        scfg,
+        runs,
+        cfg.demo,
+        evaluation=student_eval.to_dict(),
+        run_dir=res.output_dir,
+        steps=res.step,
+        train_minutes=res.train_minutes,
+    )
     (out / "report.md").write_text(render_report(results, cfg))
     console.print(results_table(results))
     say(
@@ -767,8 +944,11 @@ def write_student_cache(
     scfg: AmalgamateConfig,
     runs: Sequence[TeacherRun],
     demo: DemoSettings,
-    res: Any,
-    ev: Any,
+    *,
+    evaluation: Mapping[str, Any],
+    run_dir: str | Path,
+    steps: int,
+    train_minutes: float,
 ) -> None:
     """Remember a student's test evaluation (``ka-rs ablate`` reuses the demo's SA + TA run)."""
     key = student_key(scfg, runs, demo)
@@ -777,10 +957,10 @@ def write_student_cache(
     (d / "result.json").write_text(
         json.dumps(
             {
-                "eval": ev.to_dict(),
-                "run_dir": str(res.output_dir),
-                "steps": res.step,
-                "train_minutes": res.train_minutes,
+                "eval": dict(evaluation),
+                "run_dir": str(run_dir),
+                "steps": steps,
+                "train_minutes": train_minutes,
             },
             indent=2,
         )
