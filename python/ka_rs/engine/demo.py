@@ -864,6 +864,9 @@ def run_demo(
             default=None,
         ),
         "timings_seconds": {k: round(v, 2) for k, v in timings.items()},
+        "teacher_processes": list(resolve_workers(cfg.demo.workers, len(runs)))
+        if any(not r.cached for r in runs)
+        else None,
         "teachers": [
             {
                 "name": r.name,
@@ -1106,9 +1109,24 @@ def render_report(results: Mapping[str, Any], cfg: DemoConfig) -> str:
             f"as a copy of `{a.init_from}` and must learn the other teacher's classes from the "
             "amalgamation losses. The paper initialises the student from scratch/ImageNet."
         )
+    procs = results.get("teacher_processes")
+    if procs and procs[0] > 1:
+        lines.append(
+            f"- The teachers trained side by side in {procs[0]} processes with {procs[1]} torch "
+            "thread(s) each (small models use processes far better than intra-op threads)."
+        )
+    if a.cache_teachers:
+        lines.append(
+            "- Teacher cache: the student's training images were labelled once by the teachers "
+            "(predictions and SA sequences kept in memory) and the student trained on those "
+            "fixed images without augmentation; the teachers did not run during its training."
+        )
+    else:
+        lines.append(
+            "- The teachers ran live on every student batch (same augmented images as the student)."
+        )
     lines += [
-        "- Teachers run live on every student batch (SA needs their sequences); no ground-truth "
-        "label reaches the student.",
+        "- No ground-truth label reached the student.",
         "",
         "Rerun: `ka-rs demo` (teachers come from the cache); `--fresh` retrains them.",
         "",
