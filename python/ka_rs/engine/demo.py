@@ -1090,7 +1090,8 @@ def render_report(results: Mapping[str, Any], cfg: DemoConfig) -> str:
         "",
         f"- Detector: the `{tc.model.preset}` preset (anchor-box queries refined per decoder "
         "layer, sigmoid/focal class head: converges much faster than plain DETR on a CPU), "
-        f"images of {tc.data.image_size} px.",
+        f"images of {tc.data.image_size} px"
+        + (f", model overrides {tc.model.overrides}." if tc.model.overrides else "."),
         f"- Teachers: {tc.train.max_steps or 'unlimited'} steps of batch {tc.train.batch_size}, "
         f"AdamW lr {tc.optim.lr:g}, ×{tc.optim.lr_gamma:g} at step(s) {tc.optim.lr_drop}.",
         f"- Student: {sc.train.max_steps or 'unlimited'} steps of batch {sc.train.batch_size}, "
