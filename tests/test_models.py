@@ -20,6 +20,7 @@ from ka_rs.models import (
     postprocess,
     preset_config,
 )
+from ka_rs.models.detr import token_centres
 from torch import nn
 
 
@@ -158,7 +159,9 @@ def test_output_is_dict_compatible():
         "aux_outputs",
         "sequences",
         "padding_mask",
+        "enc_outputs",
     }
+    assert out["enc_outputs"] is None  # no dense head in this config
     assert "pred_boxes" in out and "memory" not in out
     assert out.get("memory", 3) == 3
     with pytest.raises(KeyError):
@@ -267,6 +270,62 @@ def test_anchor_decoder_adds_deltas_in_logit_space_and_detaches_between_layers()
     boxes[-1].sum().backward()
     s = boxes[-1].detach()
     torch.testing.assert_close(delta.grad, (s * (1 - s)).sum((0, 1)))
+
+
+def test_token_centres_follow_the_valid_extent():
+    mask = torch.zeros(2, 2, 4, dtype=torch.bool)
+    mask[1, :, 2:] = True  # image 1: 2 valid columns
+    xy = token_centres(mask)
+    assert xy.shape == (2, 8, 2)
+    torch.testing.assert_close(xy[0, :4, 0], torch.tensor([0.125, 0.375, 0.625, 0.875]))
+    torch.testing.assert_close(xy[0, ::4, 1], torch.tensor([0.25, 0.75]))
+    torch.testing.assert_close(xy[1, :2, 0], torch.tensor([0.25, 0.75]))
+
+
+def test_box_prior_peaks_at_the_box_and_widens_per_head():
+    decoder = DETR(_tiny_config("anchor", box_prior=True)).transformer.decoder
+    boxes = torch.tensor([[[0.25, 0.75, 0.2, 0.4]]])  # (B=1, Q=1, 4)
+    xy = torch.tensor([[[0.25, 0.75], [0.45, 0.75], [0.25, 0.35], [0.9, 0.1]]])
+    bias = decoder.box_prior(0, boxes, xy)  # (B·H, Q, S) = (2, 1, 4)
+    assert bias.shape == (2, 1, 4)
+    assert (bias[:, 0, 0] == 0).all() and (bias[:, 0, 1:] < 0).all()
+    # one box width right == one box height down: both are one "box unit" away
+    torch.testing.assert_close(bias[:, 0, 1], bias[:, 0, 2])
+    assert bias[0, 0, 3] < bias[1, 0, 3]  # head 0 is the narrowest
+    with pytest.raises(ValueError, match="box_prior"):
+        _tiny_config("detr", box_prior=True)
+
+
+def test_box_prior_variant_trains_and_tiles_slots():
+    torch.manual_seed(0)
+    model = DETR(_tiny_config("anchor", box_prior=True))
+    images, mask = _batch()
+    out = model(images, mask)
+    assert torch.isfinite(out.pred_logits).all() and torch.isfinite(out.pred_boxes).all()
+    (out.pred_boxes.sum() + out.pred_logits.sum()).backward()
+    assert model.transformer.decoder.box_prior_log_scale.grad is not None
+    # a memory holding two copies of the cell grid (like a two-slot student) gets tiled centres
+    feats, fmask = model.backbone(images, mask)
+    enc = model.encoder_input(feats, fmask, model.position(fmask))
+    memory = torch.cat([enc.tokens, enc.tokens], dim=1)
+    pos = torch.cat([enc.pos, enc.pos], dim=1)
+    pad = torch.cat([enc.padding_mask, enc.padding_mask], dim=1)
+    logits, boxes = model.decode(memory, pos, pad, token_centres(fmask))
+    assert logits.shape == (3, 2, 5, 3) and torch.isfinite(boxes).all()
+    with pytest.raises(ValueError, match="token_xy"):
+        model.decode(memory[:, :-1], pos[:, :-1], pad[:, :-1], token_centres(fmask))
+
+
+def test_dense_aux_head_scores_every_token():
+    model = DETR(_tiny_config("anchor", dense_aux=True)).eval()
+    images, mask = _batch()
+    out = model(images, mask)
+    enc = out.enc_outputs
+    s = out.padding_mask.shape[1]
+    assert enc["pred_logits"].shape == (2, s, 3)
+    assert enc["token_xy"].shape == (2, s, 2)
+    assert torch.equal(enc["padding_mask"], out.padding_mask)
+    assert enc["pred_logits"].sigmoid().mean() < 0.05  # focal prior: starts near 0.01
 
 
 def test_gradients_reach_every_trainable_parameter():

@@ -191,6 +191,45 @@ def test_bad_input_raises_value_error():
         crit(outputs, tgt * 2)
 
 
+def test_dense_targets_mark_tokens_inside_boxes_and_the_nearest_one():
+    xy = torch.tensor([[[0.1, 0.1], [0.3, 0.1], [0.1, 0.3], [0.3, 0.3], [0.9, 0.9]]])
+    enc = {
+        "pred_logits": torch.full((1, 5, 3), -3.0),
+        "token_xy": xy,
+        "padding_mask": torch.tensor([[False, False, False, False, True]]),
+    }
+    labels = [torch.tensor([2, 0, 1])]
+    boxes = [
+        torch.tensor(
+            [
+                [0.2, 0.1, 0.5, 0.1],  # covers tokens 0 and 1 -> class 2
+                [0.32, 0.32, 0.01, 0.01],  # tiny: only the nearest token 3 -> class 0
+                [0.9, 0.9, 0.2, 0.2],  # only over the padded token 4 -> nearest valid, 3
+            ]
+        )
+    ]
+    onehot, num_pos, valid = SetCriterion(3, class_head="sigmoid")._dense_targets(
+        enc, labels, boxes
+    )
+    want = torch.zeros(1, 5, 3)
+    want[0, 0, 2] = want[0, 1, 2] = want[0, 3, 0] = want[0, 3, 1] = 1.0
+    torch.testing.assert_close(onehot, want)
+    assert num_pos == 3
+    torch.testing.assert_close(valid, torch.tensor([[1.0, 1, 1, 1, 0]]))
+    # the loss ignores padded tokens and is normalised by the positives
+    outputs = {
+        "pred_logits": torch.randn(1, 4, 3),
+        "pred_boxes": torch.rand(1, 4, 4),
+        "enc_outputs": enc,
+    }
+    targets = [{"labels": labels[0], "boxes": boxes[0]}]
+    losses = SetCriterion(3, class_head="sigmoid", aux_loss=False)(outputs, targets)
+    focal = sigmoid_focal_loss(enc["pred_logits"], want)[0, :4].sum() / 3
+    torch.testing.assert_close(losses["loss_dense"], focal)
+    off = SetCriterion(3, class_head="sigmoid", aux_loss=False, weight_dense=0.0)
+    assert "loss_dense" not in off(outputs, targets)
+
+
 def test_build_criterion_follows_the_model_config():
     crit = build_criterion(DetrConfig(num_classes=4, variant="anchor"), eos_coef=0.2)
     assert crit.class_head == "sigmoid" and crit.num_classes == 4
@@ -224,8 +263,9 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("variant", ["detr", "anchor"])
+@pytest.mark.parametrize("variant", ["detr", "anchor", "anchor+prior+dense"])
 def test_loss_decreases_when_overfitting_a_fixed_batch(variant, one_thread):
+    extras = {"box_prior": True, "dense_aux": True} if "+" in variant else {}
     torch.manual_seed(0)
     config = DetrConfig(
         num_classes=2,
@@ -238,7 +278,8 @@ def test_loss_decreases_when_overfitting_a_fixed_batch(variant, one_thread):
         dim_feedforward=64,
         dropout=0.0,
         num_queries=6,
-        variant=variant,
+        variant=variant.split("+")[0],
+        **extras,
     )
     model = DETR(config)
     criterion = build_criterion(config)

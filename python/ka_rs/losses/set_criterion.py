@@ -16,6 +16,12 @@ and the set's loss is::
 - L1 on normalised cxcywh and GIoU on xyxy, summed over matched pairs and divided by the number
   of ground-truth boxes in the batch (at least 1).
 
+With a dense auxiliary head (``DetrConfig.dense_aux``; ``outputs.enc_outputs`` not None) a
+``weight_dense``-weighted dense loss is added: every non-padded memory token whose centre lies
+inside a ground-truth box (and, for each box, the token nearest to its centre) is a positive for
+that box's class; sigmoid focal loss over all tokens and classes, divided by the number of
+positives. It needs no matching (fixed assignment, like FCOS / Co-DETR's auxiliary heads).
+
 Under ``torch.distributed`` the normalisers (box count, class-weight sums) are averaged over all
 ranks, so that DDP's averaged gradients equal the gradients of the same loss on the global
 batch. The box losses use the differentiable torch GIoU below (the Rust GIoU is not
@@ -99,6 +105,12 @@ def _field(outputs: Any, key: str) -> Any:
     return outputs[key] if isinstance(outputs, Mapping) else getattr(outputs, key)
 
 
+def _enc_outputs(outputs: Any) -> Mapping[str, Tensor] | None:
+    if isinstance(outputs, Mapping):
+        return outputs.get("enc_outputs")
+    return getattr(outputs, "enc_outputs", None)
+
+
 def _global_mean(values: Tensor) -> Tensor:
     """Average a 1-D tensor of counts over ranks (identity without torch.distributed)."""
     if dist.is_available() and dist.is_initialized():
@@ -121,8 +133,10 @@ class SetCriterion(nn.Module):
         weight_class: weight of the class loss; None = 1 (softmax) or 2 (sigmoid).
         weight_bbox: weight of the L1 box loss.
         weight_giou: weight of the GIoU loss.
-        focal_alpha, focal_gamma: focal-loss parameters (sigmoid only).
+        focal_alpha, focal_gamma: focal-loss parameters (sigmoid head and dense loss).
         aux_loss: also apply the loss to ``outputs["aux_outputs"]``.
+        weight_dense: weight of the dense encoder loss (used when the outputs carry
+            ``enc_outputs``).
     """
 
     def __init__(
@@ -137,6 +151,7 @@ class SetCriterion(nn.Module):
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
         aux_loss: bool = True,
+        weight_dense: float = 1.0,
     ) -> None:
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
@@ -169,6 +184,7 @@ class SetCriterion(nn.Module):
         self.focal_alpha = float(focal_alpha)
         self.focal_gamma = float(focal_gamma)
         self.aux_loss = aux_loss
+        self.weight_dense = float(weight_dense)
         empty_weight = torch.ones(num_classes + 1)
         empty_weight[-1] = self.eos_coef
         self.register_buffer("empty_weight", empty_weight, persistent=False)
@@ -231,17 +247,33 @@ class SetCriterion(nn.Module):
 
         indices = self.matcher.match_layers(sets, targets)  # ONE native call for all layers
 
+        enc = _enc_outputs(outputs) if self.weight_dense > 0 else None
+        dense_targets = None
+        if enc is not None:
+            dense_targets = self._dense_targets(enc, labels_all, boxes_all)
+
         # normalisers, averaged over ranks in one all-reduce
         b, q = logits0.shape[:2]
         counts = [float(flat_labels.numel())]
+        if dense_targets is not None:
+            counts.append(float(dense_targets[1]))
         matched = [sum(len(src) for src, _ in layer) for layer in indices]
         if self.class_head == "softmax":
             counts += [b * q * self.eos_coef + m * (1.0 - self.eos_coef) for m in matched]
         norms = _global_mean(torch.tensor(counts, dtype=torch.float32, device=device))
         num_boxes = norms[0].clamp(min=1.0)
-
         losses: dict[str, Tensor] = {}
         total = logits0.new_zeros(())
+        if enc is not None and dense_targets is not None:
+            onehot, _, valid = dense_targets
+            dense = sigmoid_focal_loss(
+                enc["pred_logits"], onehot, self.focal_alpha, self.focal_gamma
+            )
+            loss_dense = (dense * valid[..., None]).sum() / norms[1].clamp(min=1.0)
+            losses["loss_dense"] = loss_dense
+            total = total + self.weight_dense * loss_dense
+            norms = torch.cat([norms[:1], norms[2:]])
+
         for layer, (pred, idx) in enumerate(zip(sets, indices, strict=True)):
             batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(idx)]).to(
                 device
@@ -275,6 +307,27 @@ class SetCriterion(nn.Module):
                 )
         losses["loss"] = total
         return losses
+
+    @torch.no_grad()
+    def _dense_targets(
+        self, enc: Mapping[str, Tensor], labels: list[Tensor], boxes: list[Tensor]
+    ) -> tuple[Tensor, int, Tensor]:
+        """One-hot token targets (B, S, C), number of positive tokens, valid mask (B, S)."""
+        logits = enc["pred_logits"]
+        xy = enc["token_xy"].to(logits.dtype)
+        valid = ~enc["padding_mask"].to(torch.bool)
+        onehot = torch.zeros_like(logits)
+        for i, (lab, box) in enumerate(zip(labels, boxes, strict=True)):
+            if lab.numel() == 0:
+                continue
+            d = (xy[i][:, None, :] - box[None, :, :2]).abs()  # (S, T, 2)
+            inside = (d < box[None, :, 2:] / 2).all(-1) & valid[i][:, None]  # (S, T)
+            dist = d.square().sum(-1).masked_fill(~valid[i][:, None], float("inf"))
+            inside[dist.argmin(0), torch.arange(lab.numel(), device=lab.device)] = True
+            s_idx, t_idx = inside.nonzero(as_tuple=True)
+            onehot[i, s_idx, lab[t_idx]] = 1.0
+        num_pos = int((onehot.amax(-1) > 0).sum())
+        return onehot, num_pos, valid.to(logits.dtype)
 
     def _class_loss(
         self, logits: Tensor, batch_idx: Tensor, src_idx: Tensor, tgt_labels: Tensor

@@ -43,7 +43,16 @@ from ka_rs.models.backbone import BACKBONES, Backbone
 from ka_rs.models.position import PositionEmbeddingSine
 from ka_rs.models.transformer import MLP, AnchorDecoder, Transformer, inverse_sigmoid
 
-__all__ = ["DETR", "VARIANTS", "DetrConfig", "DetrOutput", "EncoderInput", "postprocess"]
+__all__ = [
+    "DETR",
+    "VARIANTS",
+    "DetrConfig",
+    "DetrOutput",
+    "EncoderInput",
+    "postprocess",
+    "tile_centres",
+    "token_centres",
+]
 
 #: detector variants accepted by ``DetrConfig.variant``
 VARIANTS = ("detr", "anchor")
@@ -70,6 +79,14 @@ class DetrConfig:
         cnn_channels: stage widths of the ``small_cnn`` backbone (ignored by ResNets); its
             output stride is ``2 ** len(cnn_channels)``.
         anchor_size: initial width and height of the anchor boxes (``"anchor"`` only).
+        box_prior: ``"anchor"`` only: bias each decoder cross-attention toward the query's
+            current box with a Gaussian over token centres (see
+            :class:`~ka_rs.models.transformer.AnchorDecoder`); the CPU anchor presets use it.
+        dense_aux: add a dense auxiliary class head on the encoder memory (sigmoid, C logits
+            per token), returned in ``DetrOutput.enc_outputs`` and trained by
+            :class:`~ka_rs.losses.SetCriterion` to recognise the class of the object each token
+            lies in (Co-DETR-style extra supervision of backbone and encoder; inference
+            ignores it). The CPU anchor presets use it.
     """
 
     num_classes: int
@@ -85,6 +102,8 @@ class DetrConfig:
     pre_norm: bool = True
     cnn_channels: tuple[int, ...] = (32, 64, 128, 128)
     anchor_size: float = 0.1
+    box_prior: bool = False
+    dense_aux: bool = False
 
     def __post_init__(self) -> None:
         self.cnn_channels = tuple(int(c) for c in self.cnn_channels)
@@ -108,6 +127,8 @@ class DetrConfig:
             raise ValueError(
                 f"cnn_channels: expected positive multiples of 8, got {self.cnn_channels!r}"
             )
+        if self.box_prior and self.variant != "anchor":
+            raise ValueError("box_prior: only the 'anchor' variant has a box prior")
         if not 0.0 < self.anchor_size < 1.0:
             raise ValueError(f"anchor_size: expected a value in (0, 1), got {self.anchor_size!r}")
 
@@ -148,6 +169,9 @@ class DetrOutput:
         sequences: SA hook points, each (B, S, d): the projected input tokens, then the output
             of every encoder layer (before the encoder's final norm).
         padding_mask: (B, S) bool, True = padded token.
+        enc_outputs: only with ``DetrConfig.dense_aux``: ``{"pred_logits": (B, S, C) dense
+            sigmoid class logits of the encoder memory, "token_xy": (B, S, 2) normalised token
+            centres, "padding_mask": (B, S)}``; else None.
     """
 
     pred_logits: Tensor
@@ -155,8 +179,16 @@ class DetrOutput:
     aux_outputs: list[dict[str, Tensor]] = field(default_factory=list)
     sequences: list[Tensor] = field(default_factory=list)
     padding_mask: Tensor | None = None
+    enc_outputs: dict[str, Tensor] | None = None
 
-    _KEYS = ("pred_logits", "pred_boxes", "aux_outputs", "sequences", "padding_mask")
+    _KEYS = (
+        "pred_logits",
+        "pred_boxes",
+        "aux_outputs",
+        "sequences",
+        "padding_mask",
+        "enc_outputs",
+    )
 
     def keys(self) -> tuple[str, ...]:
         """The field names, as for a dict."""
@@ -228,6 +260,7 @@ class DETR(nn.Module):
             dropout=config.dropout,
             normalize_before=config.pre_norm,
             anchor_decoder=config.variant == "anchor",
+            box_prior=config.box_prior,
         )
         self.class_embed = nn.Linear(d, config.num_logits)
         self.bbox_embed = MLP(d, d, 4, 3)
@@ -242,6 +275,9 @@ class DETR(nn.Module):
             nn.init.zeros_(self.bbox_embed.layers[-1].weight)
             nn.init.zeros_(self.bbox_embed.layers[-1].bias)
             nn.init.constant_(self.class_embed.bias, -math.log((1 - 0.01) / 0.01))
+        if config.dense_aux:
+            self.enc_class_embed = nn.Linear(d, config.num_classes)
+            nn.init.constant_(self.enc_class_embed.bias, -math.log((1 - 0.01) / 0.01))
 
     @property
     def num_queries(self) -> int:
@@ -308,18 +344,31 @@ class DETR(nn.Module):
         layer_outputs, memory = self.transformer.encoder(
             enc.tokens, enc.pos, padding, enc.attn_mask
         )
-        logits, boxes = self.decode(memory, enc.pos, padding)
+        token_xy = tile_centres(token_centres(feat_mask), memory.shape[1])
+        logits, boxes = self.decode(memory, enc.pos, padding, token_xy)
         aux = [{"pred_logits": logits[i], "pred_boxes": boxes[i]} for i in range(len(logits) - 1)]
+        enc_outputs = None
+        if self.config.dense_aux:
+            enc_outputs = {
+                "pred_logits": self.enc_class_embed(memory),
+                "token_xy": token_xy,
+                "padding_mask": enc.padding_mask,
+            }
         return DetrOutput(
             pred_logits=logits[-1],
             pred_boxes=boxes[-1],
             aux_outputs=aux,
             sequences=[enc.tokens, *layer_outputs],
             padding_mask=enc.padding_mask,
+            enc_outputs=enc_outputs,
         )
 
     def decode(
-        self, memory: Tensor, pos: Tensor, padding_mask: Tensor | None
+        self,
+        memory: Tensor,
+        pos: Tensor,
+        padding_mask: Tensor | None,
+        token_xy: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Run the decoder and the heads on every decoder layer.
 
@@ -327,6 +376,10 @@ class DETR(nn.Module):
             memory: encoder memory (B, S, d).
             pos: positional encoding of the memory tokens (B, S, d).
             padding_mask: (B, S) bool, True = padded token, or None.
+            token_xy: normalised (x, y) centres of the feature-map cells, (B, h·w, 2), for the
+                anchor variant's box prior. When the memory holds several copies of the h·w
+                grid along the token axis (S = k·h·w, like the amalgamation student's slots),
+                the centres are repeated k times.
 
         Returns:
             ``(logits (L, B, Q, K), boxes (L, B, Q, 4))``, boxes normalised cxcywh (sigmoid).
@@ -336,15 +389,51 @@ class DETR(nn.Module):
         tgt = memory.new_zeros(b, self.config.num_queries, d)
         decoder = self.transformer.decoder
         if isinstance(decoder, AnchorDecoder):
+            if token_xy is not None:
+                token_xy = tile_centres(token_xy, memory.shape[1])
             anchors = self.anchors.unsqueeze(0).expand(b, -1, -1)
             hidden, boxes = decoder.forward_refine(
-                tgt, memory, anchors, self.bbox_embed, pos, padding_mask
+                tgt, memory, anchors, self.bbox_embed, pos, padding_mask, token_xy
             )
         else:
             query_pos = self.query_embed.weight.unsqueeze(0).expand(b, -1, -1)
             hidden = decoder(tgt, memory, query_pos, pos, padding_mask)
             boxes = self.bbox_embed(hidden).sigmoid()
         return self.class_embed(hidden), boxes
+
+
+def token_centres(mask: Tensor) -> Tensor:
+    """Normalised centres of the feature-map cells, relative to each image's valid extent.
+
+    Args:
+        mask: (B, h, w) bool, True = padded cell.
+
+    Returns:
+        (B, h·w, 2) float32 ``(x, y)`` in (0, 1) for valid cells (row-major like the tokens);
+        padded cells get values outside that range or repeated ones (they are masked anyway).
+    """
+    valid = (~mask).to(torch.float32)
+    y = valid.cumsum(1)
+    x = valid.cumsum(2)
+    rows = y[:, -1:, :].clamp(min=1.0)
+    cols = x[:, :, -1:].clamp(min=1.0)
+    h, w = mask.shape[1:]
+    iy = torch.arange(h, dtype=torch.float32, device=mask.device)[None, :, None] + 0.5
+    ix = torch.arange(w, dtype=torch.float32, device=mask.device)[None, None, :] + 0.5
+    cy = (iy / rows).expand_as(y)
+    cx = (ix / cols).expand_as(x)
+    return torch.stack((cx, cy), dim=-1).flatten(1, 2)
+
+
+def tile_centres(token_xy: Tensor, num_tokens: int) -> Tensor:
+    """Repeat cell centres (B, h·w, 2) along the tokens to cover ``num_tokens`` = k·h·w tokens
+    (memories holding k copies of the cell grid, like the amalgamation student's slots)."""
+    if token_xy.shape[1] == num_tokens:
+        return token_xy
+    copies, rest = divmod(num_tokens, token_xy.shape[1])
+    if rest or copies == 0:
+        raise ValueError(f"token_xy: {token_xy.shape[1]} cells do not tile {num_tokens} tokens")
+    return token_xy.repeat(1, copies, 1)
 
 
 @torch.no_grad()
