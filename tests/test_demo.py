@@ -158,3 +158,19 @@ def test_cli_demo_bad_override_is_a_one_line_error(capsys):
     assert main(["demo", "--quick", "--set", "demo.grid_images=many"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("ka-rs demo: error:") and "demo.grid_images" in err
+
+
+def test_a_failing_worker_names_its_job_and_log(tmp_path):
+    from ka_rs.engine.demo import Job, _job_train_teacher, run_jobs
+
+    log = tmp_path / "train.log"
+    job = Job(
+        label="teacher broken",
+        fn=_job_train_teacher,
+        kwargs={"cfg_dict": {"train": {"batch_sise": 2}}, "resume": False, "log_path": str(log)},
+        metrics=tmp_path / "metrics.jsonl",
+        total_steps=1,
+    )
+    with pytest.raises(RuntimeError, match="teacher broken: failed .*train.batch_sise") as err:
+        run_jobs([job, job], 2, 1, progress=False)
+    assert str(log) in str(err.value)
