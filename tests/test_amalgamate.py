@@ -170,8 +170,9 @@ def test_cli_amalgamate_user_errors(teachers, capsys):
 
 # the anchor variant with and without its optional cross-attention box prior (if the model has it)
 _VARIANTS = [("anchor", {}), ("detr", {})]
-if "box_prior" in {f.name for f in dataclasses.fields(DetrConfig)}:
-    _VARIANTS.append(("anchor", {"box_prior": True}))
+_FIELDS = {f.name for f in dataclasses.fields(DetrConfig)}
+if {"box_prior", "dense_aux"} <= _FIELDS:
+    _VARIANTS.append(("anchor", {"box_prior": True, "dense_aux": True}))
 
 
 @pytest.mark.parametrize("cross", [False, True])
@@ -216,6 +217,12 @@ def test_student_initialised_from_a_teacher_reproduces_it(tmp_path, cross, varia
     torch.testing.assert_close(
         student.class_embed.weight[b_cols], ts[1].model.class_embed.weight[: len(b_cols)]
     )
+    if extra.get("dense_aux"):  # the dense encoder head too (per token, sigmoid)
+        a_cols = space.local_to_union("teacher_a").tolist()
+        s_enc = s_out.enc_outputs["pred_logits"]
+        t_enc = t_out.enc_outputs["pred_logits"]
+        torch.testing.assert_close(s_enc[:, :s_len, a_cols], t_enc, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(s_enc[:, s_len:, a_cols], t_enc, atol=1e-5, rtol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------

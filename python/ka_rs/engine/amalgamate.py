@@ -445,23 +445,27 @@ def init_student_from_teacher(
             if s_state[key].shape[0] == n * tv.shape[0]:
                 s_state[key].copy_(torch.cat([tv] * n, dim=0))
                 loaded.add(key)
-    # class head: union row c <- row of the first teacher that knows class c
-    head_w, head_b = s_state.get("class_embed.weight"), s_state.get("class_embed.bias")
-    if head_w is not None and head_b is not None:
-        by_name = {t.name: t for t in teachers}
+    # class heads (the decoder's, and a dense encoder head if the model has one):
+    # union row c <- row of the first teacher that knows class c
+    by_name = {t.name: t for t in teachers}
+    t_states = {t.name: t.model.state_dict() for t in teachers}
+    for head in ("class_embed", "enc_class_embed"):
+        head_w, head_b = s_state.get(f"{head}.weight"), s_state.get(f"{head}.bias")
+        if head_w is None or head_b is None:
+            continue
         for c, cname in enumerate(label_space.names):
             src = by_name[label_space.teachers_of(cname)[0]]
             local = src.class_names.index(cname)
-            sw = src.model.state_dict()
-            if sw["class_embed.weight"].shape[1] == head_w.shape[1]:
-                head_w[c].copy_(sw["class_embed.weight"][local])
-                head_b[c].copy_(sw["class_embed.bias"][local])
+            sw = t_states[src.name]
+            if f"{head}.weight" in sw and sw[f"{head}.weight"].shape[1] == head_w.shape[1]:
+                head_w[c].copy_(sw[f"{head}.weight"][local])
+                head_b[c].copy_(sw[f"{head}.bias"][local])
         if head_w.shape[0] == label_space.num_classes + 1:  # softmax: no-object row
-            tw = t_state["class_embed.weight"]
-            if tw.shape[0] == len(teacher.class_names) + 1:
+            tw = t_state.get(f"{head}.weight")
+            if tw is not None and tw.shape[0] == len(teacher.class_names) + 1:
                 head_w[-1].copy_(tw[-1])
-                head_b[-1].copy_(t_state["class_embed.bias"][-1])
-        loaded.update({"class_embed.weight", "class_embed.bias"})
+                head_b[-1].copy_(t_state[f"{head}.bias"][-1])
+        loaded.update({f"{head}.weight", f"{head}.bias"})
     student.load_state_dict(s_state)
     return sorted(k for k in s_state if k not in loaded)
 

@@ -137,22 +137,6 @@ class AmalgamationStudent(DETR):
             attn_mask=self._attn_mask(s, x.device),
         )
 
-    def decode(
-        self, memory: Tensor, pos: Tensor, padding_mask: Tensor | None, *args: Any
-    ) -> tuple[Tensor, Tensor]:
-        """DETR's decoder over the N·S memory; per-token extras given for one slot's S tokens
-        (e.g. the anchor variant's token centres, (B, S, 2)) are repeated per slot."""
-        args = tuple(
-            a.repeat(1, self.num_slots, *([1] * (a.dim() - 2)))
-            if isinstance(a, Tensor)
-            and a.dim() >= 2
-            and a.shape[1] * self.num_slots == memory.shape[1]
-            and self.num_slots > 1
-            else a
-            for a in args
-        )
-        return super().decode(memory, pos, padding_mask, *args)
-
     def extra_repr(self) -> str:
         return f"num_slots={self.num_slots}, cross_slot_attention={self.cross_slot_attention}"
 
