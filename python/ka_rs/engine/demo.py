@@ -121,7 +121,10 @@ DEMO_DEFAULTS: dict[str, Any] = {
         "workers": 0,
     },
     "teacher": {
-        "model": {"preset": "anchor_tiny"},
+        "model": {
+            "preset": "anchor_tiny",
+            "overrides": {"cnn_channels": [32, 64, 128], "box_prior": True, "dense_aux": True},
+        },
         "data": {"source": "shapes", "image_size": 96, "num_val_images": 200},
         "optim": {
             "lr": 5e-4,
