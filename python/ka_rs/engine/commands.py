@@ -160,24 +160,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             except ValueError:
                 cfg = Config()
     overrides = list(args.overrides)
-    for flag, key in (
-        ("data", "source"),
-        ("root", "root"),
-        ("ann_file", "val_ann_file"),
-        ("split", "val_set"),
-        ("num_images", "num_val_images"),
-    ):
-        value = getattr(args, flag)
-        if value is not None:
-            overrides.append(f"data.{key}={_toml_str(str(value))}")
-            if flag == "num_images":
-                overrides[-1] = f"data.{key}={int(value)}"
-    if args.data == "coco" and args.root and not args.ann_file:
-        raise ValueError("--ann-file: required with --data coco")
-    if args.data == "coco":
-        # evaluation reads root + val_ann_file; root doubles as the image dir
-        overrides += [f"data.val_root={_toml_str(args.root or '')}"]
-        overrides += [f"data.ann_file={_toml_str(args.ann_file or '')}"]
+    if args.data == "coco" and not (args.root and args.ann_file):
+        raise ValueError("--root and --ann-file: both required with --data coco")
+    flags = {
+        "source": args.data,
+        "root": args.root,
+        "val_root": args.root if args.data == "coco" else None,
+        "val_ann_file": args.ann_file,
+        "ann_file": args.ann_file,  # a coco config needs one; evaluation reads val_ann_file
+        "val_set": args.split,
+    }
+    overrides += [f"data.{k}={_toml_str(v)}" for k, v in flags.items() if v is not None]
+    if args.num_images is not None:
+        overrides.append(f"data.num_val_images={int(args.num_images)}")
     if args.device:
         overrides.append(f"train.device={_toml_str(args.device)}")
     cfg = apply_overrides(cfg, overrides) if overrides else cfg
