@@ -21,6 +21,9 @@ Two variants (``DetrConfig.variant``):
   MLP), and each decoder layer adds a predicted delta to the box in inverse-sigmoid space
   (iterative refinement, detached between layers as in Deformable DETR). The class head has C
   sigmoid logits (no background) trained with focal loss. Attention stays plain (dense).
+  Two opt-in aids (on in the CPU anchor presets): ``box_prior``, a Gaussian bias that points
+  each query's cross-attention at its current box, and ``dense_aux``, a per-token class head on
+  the encoder memory trained with a fixed token-in-box assignment (``DetrOutput.enc_outputs``).
 
 The result is a :class:`DetrOutput` holding predictions of the last decoder layer, the auxiliary
 predictions of the earlier layers, and the **sequences** used by sequence-level amalgamation:
