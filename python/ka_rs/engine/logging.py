@@ -223,11 +223,13 @@ def plot_training_curves(
     ax1.set_ylabel("COCO AP")
     ax1.set_ylim(0, 1)
     ax1.grid(alpha=0.3)
-    ax1.legend(loc="lower right")
+    ax1.legend(loc="upper left")
     ax1.set_title("validation AP vs training time")
     if trains:
-        ax2.plot([r["step"] for r in trains], [r["loss"] for r in trains], lw=1)
-        ax2.set_yscale("log")
+        losses = [r["loss"] for r in trains]
+        ax2.plot([r["step"] for r in trains], losses, lw=1)
+        if min(losses) > 0 and max(losses) / min(losses) > 20:  # log only for wide ranges
+            ax2.set_yscale("log")
     ax2.set_xlabel("step")
     ax2.set_ylabel("training loss")
     ax2.grid(alpha=0.3)
