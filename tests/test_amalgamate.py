@@ -184,7 +184,12 @@ def test_student_initialised_from_a_teacher_reproduces_it(tmp_path, cross, varia
     }
     ts = load_teachers(paths)
     space = LabelSpace.from_teachers({t.name: t.class_names for t in ts})
-    student = build_student([t.model.config for t in ts], space.num_classes, cross)
+    student = build_student(
+        [t.model.config for t in ts],
+        space.num_classes,
+        cross,
+        dense_aux=bool(extra.get("dense_aux", False)),
+    )
     fresh = init_student_from_teacher(student, ts[0], space, ts)
     assert fresh == []
     student.eval()
@@ -223,6 +228,15 @@ def test_student_initialised_from_a_teacher_reproduces_it(tmp_path, cross, varia
         t_enc = t_out.enc_outputs["pred_logits"]
         torch.testing.assert_close(s_enc[:, :s_len, a_cols], t_enc, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(s_enc[:, s_len:, a_cols], t_enc, atol=1e-5, rtol=1e-4)
+
+
+def test_student_of_dense_aux_teachers_has_no_dense_head_by_default():
+    # the dense head learns from ground truth only; a label-free student would leave it
+    # without gradients (DistributedDataParallel rejects that)
+    cfg = build_model("anchor_tiny", 2, **{**TINY, "dense_aux": True}).config
+    assert build_student([cfg, cfg], 4).config.dense_aux is False
+    student = build_student([cfg, cfg], 4, dense_aux=True)
+    assert student.config.dense_aux is True
 
 
 # ---------------------------------------------------------------------------------------------

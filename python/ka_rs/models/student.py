@@ -156,8 +156,10 @@ def build_student(
     """Build the amalgamation student from its teachers' configs.
 
     The student copies the first teacher's architecture (backbone, width, heads, encoder and
-    decoder depth, FFN width, dropout, variant), uses the largest teacher query count, and
-    predicts ``num_classes`` = |U| classes (the union label space).
+    decoder depth, FFN width, dropout, variant, box prior), uses the largest teacher query
+    count, and predicts ``num_classes`` = |U| classes (the union label space). It has no dense
+    auxiliary encoder head unless ``dense_aux=True`` is passed (that head learns from
+    ground-truth labels only).
 
     Args:
         teacher_configs: the N ≥ 1 teachers' :class:`DetrConfig`, in slot order.
@@ -213,6 +215,10 @@ def build_student(
     fields = configs[0].to_dict()
     fields["num_classes"] = num_classes
     fields["num_queries"] = max(cfg.num_queries for cfg in configs)
+    # the dense auxiliary class head is a teacher-training aid fed by ground-truth labels; a
+    # label-free student has none, so by default it does not carry one (its parameters would
+    # never get a gradient, which DistributedDataParallel rejects). Override to keep it.
+    fields["dense_aux"] = False
     names = {f.name for f in dataclasses.fields(DetrConfig)}
     unknown = sorted(set(overrides) - names)
     if unknown:
