@@ -409,8 +409,14 @@ def load_teachers(
 
 
 def _architecture(cfg: Any) -> dict[str, Any]:
+    """The config fields that must agree for ``init_from`` to copy a teacher's weights.
+
+    The class count and the dense auxiliary head (a ground-truth training aid the student
+    usually lacks; see :func:`build_student`) may differ.
+    """
     d = cfg.to_dict()
     d.pop("num_classes", None)
+    d.pop("dense_aux", None)
     return d
 
 
