@@ -27,6 +27,7 @@ from ka_rs.engine.checkpoint import load_checkpoint, save_checkpoint
 from ka_rs.engine.config import ConfigError, dump_toml
 from ka_rs.engine.logging import read_metrics
 from ka_rs.labels import LabelSpace
+from ka_rs.losses import TaskAmalgamationLoss
 from ka_rs.models import AmalgamationStudent, DetrConfig, build_model, build_student
 
 TINY = {
@@ -237,6 +238,37 @@ def test_student_of_dense_aux_teachers_has_no_dense_head_by_default():
     assert build_student([cfg, cfg], 4).config.dense_aux is False
     student = build_student([cfg, cfg], 4, dense_aux=True)
     assert student.config.dense_aux is True
+
+
+def test_two_stage_student_keeps_its_dense_heads_and_ta_trains_every_parameter():
+    # a two-stage student needs the dense head to pick its queries; TA trains it (and the
+    # dense box head) on the pseudo-targets, so a label-free step reaches every parameter
+    extra = {"box_prior": True, "dense_aux": True, "two_stage": True}
+    cfg = build_model("anchor_tiny", 2, **{**TINY, **extra}).config
+    student = build_student([cfg, cfg], 4)
+    assert student.config.two_stage and student.config.dense_aux
+    out = student(torch.randn(2, 3, 32, 32))
+    # one proposal per token of both slots
+    assert out.enc_outputs["pred_boxes"].shape[:2] == out.padding_mask.shape
+    pseudo = [
+        {
+            "labels": torch.tensor([0, 3]),
+            "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.4]]),
+            "soft_logits": torch.randn(2, 5),
+        },
+        {
+            "labels": torch.tensor([1]),
+            "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]]),
+            "soft_logits": torch.randn(1, 5),
+        },
+    ]
+    losses = TaskAmalgamationLoss(4, class_head="sigmoid")(out, pseudo)
+    assert {"loss_dense", "loss_dense_bbox", "loss_dense_giou"} <= set(losses)
+    losses["loss"].backward()
+    dead = [n for n, p in student.named_parameters() if p.grad is None]
+    assert not dead, dead
+    no_dense = TaskAmalgamationLoss(4, class_head="sigmoid", weight_dense=0.0)(out, pseudo)
+    assert "loss_dense" not in no_dense
 
 
 # ---------------------------------------------------------------------------------------------

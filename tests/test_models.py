@@ -328,6 +328,36 @@ def test_dense_aux_head_scores_every_token():
     assert enc["pred_logits"].sigmoid().mean() < 0.05  # focal prior: starts near 0.01
 
 
+def test_two_stage_queries_come_from_the_best_scored_tokens():
+    torch.manual_seed(0)
+    model = DETR(_tiny_config("anchor", dense_aux=True, two_stage=True)).eval()
+    assert "anchors" not in dict(model.named_parameters())  # a buffer: no unused parameter
+    images, mask = _batch()
+    out = model(images, mask)
+    enc = out.enc_outputs
+    s = out.padding_mask.shape[1]
+    assert enc["pred_boxes"].shape == (2, s, 4)
+    # at initialisation (zero box delta) each token's proposal sits at its cell centre
+    torch.testing.assert_close(enc["pred_boxes"][0, :, :2], enc["token_xy"][0])
+    memory = torch.randn(2, s, 16)
+    content, anchors = model.select_queries(memory, enc)
+    scores = enc["pred_logits"].amax(-1).masked_fill(enc["padding_mask"], float("-inf"))
+    best = scores.topk(5, dim=1).indices
+    for i in range(2):
+        torch.testing.assert_close(content[i], memory[i, best[i]])
+        torch.testing.assert_close(anchors[i].sigmoid(), enc["pred_boxes"][i, best[i]])
+        assert not enc["padding_mask"][i, best[i]].any()  # padded tokens are never chosen
+    # fewer tokens than queries: the fixed anchors fill the rest
+    few = {k: v[:, :3] for k, v in enc.items()}
+    content, anchors = model.select_queries(memory[:, :3], few)
+    assert content.shape == (2, 5, 16) and anchors.shape == (2, 5, 4)
+    torch.testing.assert_close(anchors[0, 3:], model.anchors[3:])
+    with pytest.raises(ValueError, match="two_stage"):
+        _tiny_config("anchor", two_stage=True)
+    with pytest.raises(ValueError, match="two_stage"):
+        _tiny_config("detr", dense_aux=True, two_stage=True)
+
+
 def test_gradients_reach_every_trainable_parameter():
     for variant in ("detr", "anchor"):
         model = DETR(_tiny_config(variant))

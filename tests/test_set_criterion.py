@@ -11,6 +11,7 @@ from ka_rs.losses import (
     SetCriterion,
     box_cxcywh_to_xyxy,
     build_criterion,
+    dense_targets,
     generalized_box_iou_pairs,
     sigmoid_focal_loss,
 )
@@ -208,9 +209,7 @@ def test_dense_targets_mark_tokens_inside_boxes_and_the_nearest_one():
             ]
         )
     ]
-    onehot, num_pos, valid = SetCriterion(3, class_head="sigmoid")._dense_targets(
-        enc, labels, boxes
-    )
+    onehot, num_pos, valid, box_target, positive = dense_targets(enc, labels, boxes)
     want = torch.zeros(1, 5, 3)
     want[0, 0, 2] = want[0, 1, 2] = want[0, 3, 0] = want[0, 3, 1] = 1.0
     torch.testing.assert_close(onehot, want)
@@ -228,6 +227,34 @@ def test_dense_targets_mark_tokens_inside_boxes_and_the_nearest_one():
     torch.testing.assert_close(losses["loss_dense"], focal)
     off = SetCriterion(3, class_head="sigmoid", aux_loss=False, weight_dense=0.0)
     assert "loss_dense" not in off(outputs, targets)
+    # dense box targets: token 3 is a positive of boxes 1 and 2 and takes the smaller (1)
+    assert positive.tolist() == [[True, True, False, True, False]]
+    torch.testing.assert_close(box_target[0, [0, 1, 3]], boxes[0][[0, 0, 1]])
+    assert "loss_dense_bbox" not in losses  # no dense proposal boxes in these outputs
+
+
+def test_two_stage_dense_box_loss_is_zero_for_exact_proposals_and_positive_otherwise():
+    xy = torch.tensor([[[0.25, 0.25], [0.75, 0.25], [0.25, 0.75], [0.75, 0.75]]])
+    box = torch.tensor([[0.3, 0.3, 0.4, 0.4], [0.75, 0.75, 0.2, 0.2]])
+    exact = torch.stack([box[0], torch.rand(4), torch.rand(4), box[1]])[None]
+    enc = {
+        "pred_logits": torch.zeros(1, 4, 2),
+        "token_xy": xy,
+        "padding_mask": torch.zeros(1, 4, dtype=torch.bool),
+        "pred_boxes": exact,
+    }
+    outputs = {"pred_logits": torch.randn(1, 3, 2), "pred_boxes": torch.rand(1, 3, 4)}
+    targets = [{"labels": torch.tensor([0, 1]), "boxes": box}]
+    crit = SetCriterion(2, class_head="sigmoid", aux_loss=False)
+    losses = crit({**outputs, "enc_outputs": enc}, targets)
+    # only tokens 0 and 3 are positives: the random boxes of tokens 1 and 2 do not count
+    assert losses["loss_dense_bbox"].item() == pytest.approx(0.0, abs=1e-6)
+    assert losses["loss_dense_giou"].item() == pytest.approx(0.0, abs=1e-6)
+    moved = {**enc, "pred_boxes": exact + torch.tensor([0.05, 0.0, 0.0, 0.0])}
+    worse = crit({**outputs, "enc_outputs": moved}, targets)
+    assert worse["loss_dense_bbox"].item() == pytest.approx(2 * 0.05 / 2, rel=1e-4)
+    assert worse["loss_dense_giou"].item() > 0.0
+    assert worse["loss"] > losses["loss"]
 
 
 def test_build_criterion_follows_the_model_config():
@@ -263,9 +290,13 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("variant", ["detr", "anchor", "anchor+prior+dense"])
+@pytest.mark.parametrize("variant", ["detr", "anchor", "anchor+prior+dense", "anchor+two_stage"])
 def test_loss_decreases_when_overfitting_a_fixed_batch(variant, one_thread):
-    extras = {"box_prior": True, "dense_aux": True} if "+" in variant else {}
+    extras: dict[str, bool] = {}
+    if "+prior" in variant:
+        extras = {"box_prior": True, "dense_aux": True}
+    elif "+two_stage" in variant:
+        extras = {"box_prior": True, "dense_aux": True, "two_stage": True}
     torch.manual_seed(0)
     config = DetrConfig(
         num_classes=2,

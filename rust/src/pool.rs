@@ -13,10 +13,9 @@
 //! `std::thread::available_parallelism()`. With one thread everything runs sequentially on the
 //! caller's thread.
 
-use rayon::prelude::*;
 use rayon::{ThreadPool, ThreadPoolBuilder};
-use std::sync::atomic::{AtomicPtr, Ordering};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
 
 /// Work (in rough "inner-loop iterations") below which parallelism does not pay off.
 ///
@@ -103,8 +102,9 @@ fn pool() -> Option<&'static ThreadPool> {
             return Some(&p.pool);
         }
     }
+    // the caller works alongside the pool (see `map_indices`), so it needs one thread fewer
     let pool = ThreadPoolBuilder::new()
-        .num_threads(num_threads())
+        .num_threads(num_threads() - 1)
         .thread_name(|i| format!("ka_rs-{i}"))
         .build()
         .ok()?;
@@ -140,6 +140,12 @@ pub fn install<R: Send>(op: impl FnOnce() -> R + Send) -> R {
 
 /// `(0..n).map(f)` collected in order, in parallel with a per-thread workspace from `init`
 /// when `parallel` is true and a pool is available, else sequentially with one workspace.
+///
+/// The calling thread works too: it starts on the items at once and the pool's helpers join
+/// when they wake, all taking the next index from one atomic counter. A helper that wakes
+/// late (an idle core on a VM can take hundreds of µs) finds less or nothing left, so a
+/// parallel call is never much slower than the sequential loop. (rayon's `install` would
+/// instead park the caller and wait for a pool thread to pick the whole job up.)
 pub fn map_indices<W, T, I, F>(n: usize, parallel: bool, init: I, f: F) -> Vec<T>
 where
     T: Send,
@@ -148,11 +154,50 @@ where
 {
     if parallel && n > 1 {
         if let Some(p) = pool() {
-            return p.install(|| (0..n).into_par_iter().map_init(&init, &f).collect());
+            return shared_counter_map(p, n, &init, &f);
         }
     }
     let mut w = init();
     (0..n).map(|i| f(&mut w, i)).collect()
+}
+
+/// The parallel path of [`map_indices`]: caller + helpers pull indices from one counter.
+fn shared_counter_map<W, T, I, F>(p: &ThreadPool, n: usize, init: &I, f: &F) -> Vec<T>
+where
+    T: Send,
+    I: Fn() -> W + Sync + Send,
+    F: Fn(&mut W, usize) -> T + Sync + Send,
+{
+    let next = AtomicUsize::new(0);
+    let done: Mutex<Vec<(usize, T)>> = Mutex::new(Vec::with_capacity(n));
+    let work = || {
+        let mut local = Vec::new();
+        let mut w: Option<W> = None; // built only if this thread gets an item
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            if i >= n {
+                break;
+            }
+            let ws = w.get_or_insert_with(init);
+            local.push((i, f(ws, i)));
+        }
+        if !local.is_empty() {
+            // a panic in `f` poisons nothing we rely on: take the data either way
+            done.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .append(&mut local);
+        }
+    };
+    p.in_place_scope(|s| {
+        for _ in 0..p.current_num_threads() {
+            s.spawn(|_| work());
+        }
+        work();
+    });
+    let mut pairs = done.into_inner().unwrap_or_else(|e| e.into_inner());
+    pairs.sort_unstable_by_key(|&(i, _)| i);
+    debug_assert_eq!(pairs.len(), n);
+    pairs.into_iter().map(|(_, t)| t).collect()
 }
 
 /// `(0..n).map(f)` collected in order; parallel when `work` (a rough count of inner-loop
@@ -177,10 +222,20 @@ where
     }
     if parallel && data.len() > chunk_len {
         if let Some(p) = pool() {
-            p.install(|| {
-                data.par_chunks_mut(chunk_len)
-                    .enumerate()
-                    .for_each(|(i, c)| f(i, c))
+            // caller + helpers take the next chunk from one shared iterator (see map_indices)
+            let chunks = Mutex::new(data.chunks_mut(chunk_len).enumerate());
+            let work = || loop {
+                let item = chunks.lock().unwrap_or_else(|e| e.into_inner()).next();
+                match item {
+                    Some((i, c)) => f(i, c),
+                    None => break,
+                }
+            };
+            p.in_place_scope(|s| {
+                for _ in 0..p.current_num_threads() {
+                    s.spawn(|_| work());
+                }
+                work();
             });
             return;
         }
@@ -230,7 +285,8 @@ mod tests {
             let a = pool().map(|p| p as *const ThreadPool);
             let b = pool().map(|p| p as *const ThreadPool);
             assert_eq!(a, b);
-            assert_eq!(install(rayon::current_num_threads), num_threads());
+            // the caller is the other worker
+            assert_eq!(install(rayon::current_num_threads), num_threads() - 1);
         }
         assert_eq!(install(|| 7), 7);
     }

@@ -10,6 +10,8 @@ from ka_rs.losses.set_criterion import (
     SetCriterion,
     box_cxcywh_to_xyxy,
     build_criterion,
+    dense_loss,
+    dense_targets,
     generalized_box_iou_pairs,
     sigmoid_focal_loss,
 )
@@ -23,6 +25,8 @@ __all__ = [
     "amalgamation_weight",
     "box_cxcywh_to_xyxy",
     "build_criterion",
+    "dense_loss",
+    "dense_targets",
     "generalized_box_iou_pairs",
     "normalize_sequence",
     "sequence_mse",

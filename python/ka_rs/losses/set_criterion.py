@@ -21,6 +21,9 @@ With a dense auxiliary head (``DetrConfig.dense_aux``; ``outputs.enc_outputs`` n
 inside a ground-truth box (and, for each box, the token nearest to its centre) is a positive for
 that box's class; sigmoid focal loss over all tokens and classes, divided by the number of
 positives. It needs no matching (fixed assignment, like FCOS / Co-DETR's auxiliary heads).
+With two-stage proposals (``enc_outputs["pred_boxes"]``) each positive token's box is also
+regressed (L1 ×``weight_bbox`` + GIoU ×``weight_giou``, same normaliser) onto the smallest
+ground-truth box it is a positive of.
 
 Under ``torch.distributed`` the normalisers (box count, class-weight sums) are averaged over all
 ranks, so that DDP's averaged gradients equal the gradients of the same loss on the global
@@ -44,6 +47,8 @@ __all__ = [
     "SetCriterion",
     "box_cxcywh_to_xyxy",
     "build_criterion",
+    "dense_loss",
+    "dense_targets",
     "generalized_box_iou_pairs",
     "sigmoid_focal_loss",
 ]
@@ -118,6 +123,78 @@ def _global_mean(values: Tensor) -> Tensor:
         dist.all_reduce(values)
         values /= dist.get_world_size()
     return values
+
+
+@torch.no_grad()
+def dense_targets(
+    enc: Mapping[str, Tensor], labels: Sequence[Tensor], boxes: Sequence[Tensor]
+) -> tuple[Tensor, int, Tensor, Tensor, Tensor]:
+    """Targets of the dense auxiliary head (see the module docstring).
+
+    Args:
+        enc: ``enc_outputs`` of a :class:`~ka_rs.models.DetrOutput`: ``pred_logits`` (B, S, C),
+            ``token_xy`` (B, S, 2), ``padding_mask`` (B, S).
+        labels, boxes: per image (T_i,) labels and (T_i, 4) normalised cxcywh boxes.
+
+    Returns:
+        one-hot class targets (B, S, C), the number of positive tokens, the valid-token mask
+        (B, S) as float, and for dense boxes: each token's box (B, S, 4) (the smallest box it
+        is a positive of) and the positive mask (B, S) bool.
+    """
+    logits = enc["pred_logits"]
+    xy = enc["token_xy"].to(logits.dtype)
+    valid = ~enc["padding_mask"].to(torch.bool)
+    onehot = torch.zeros_like(logits)
+    box_target = logits.new_zeros(*logits.shape[:2], 4)
+    for i, (lab, box) in enumerate(zip(labels, boxes, strict=True)):
+        if lab.numel() == 0:
+            continue
+        box = box.to(logits.dtype)
+        d = (xy[i][:, None, :] - box[None, :, :2]).abs()  # (S, T, 2)
+        inside = (d < box[None, :, 2:] / 2).all(-1) & valid[i][:, None]  # (S, T)
+        dist = d.square().sum(-1).masked_fill(~valid[i][:, None], float("inf"))
+        inside[dist.argmin(0), torch.arange(lab.numel(), device=lab.device)] = True
+        s_idx, t_idx = inside.nonzero(as_tuple=True)
+        onehot[i, s_idx, lab[t_idx]] = 1.0
+        area = (box[:, 2] * box[:, 3])[None, :].expand_as(inside)
+        smallest = area.masked_fill(~inside, float("inf")).argmin(1)  # (S,)
+        box_target[i] = box[smallest]
+    positive = onehot.amax(-1) > 0
+    return onehot, int(positive.sum()), valid.to(logits.dtype), box_target, positive
+
+
+def dense_loss(
+    enc: Mapping[str, Tensor],
+    labels: Sequence[Tensor],
+    boxes: Sequence[Tensor],
+    *,
+    focal_alpha: float = 0.25,
+    focal_gamma: float = 2.0,
+    weight_bbox: float = 5.0,
+    weight_giou: float = 2.0,
+) -> dict[str, Tensor]:
+    """The dense auxiliary loss of ``enc`` toward ``labels`` / ``boxes`` (ground truth, or a
+    student's pseudo-targets).
+
+    Returns ``"loss_dense"`` (focal, over valid tokens), with two-stage proposal boxes also
+    ``"loss_dense_bbox"`` / ``"loss_dense_giou"`` (positives only), each divided by the number
+    of positive tokens averaged over ranks; ``"total"`` = focal + ``weight_bbox``·L1 +
+    ``weight_giou``·GIoU.
+    """
+    onehot, num_pos, valid, box_target, positive = dense_targets(enc, labels, boxes)
+    logits = enc["pred_logits"]
+    norm = _global_mean(torch.tensor([float(num_pos)], device=logits.device))[0].clamp(min=1.0)
+    focal = sigmoid_focal_loss(logits, onehot, focal_alpha, focal_gamma)
+    out = {"loss_dense": (focal * valid[..., None]).sum() / norm}
+    total = out["loss_dense"]
+    if enc.get("pred_boxes") is not None:  # two-stage proposals: boxes of the positives
+        src, tgt = enc["pred_boxes"][positive], box_target[positive]
+        out["loss_dense_bbox"] = (src - tgt).abs().sum() / norm
+        giou = generalized_box_iou_pairs(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt))
+        out["loss_dense_giou"] = (1 - giou).sum() / norm
+        total = total + weight_bbox * out["loss_dense_bbox"] + weight_giou * out["loss_dense_giou"]
+    out["total"] = total
+    return out
 
 
 class SetCriterion(nn.Module):
@@ -247,16 +324,9 @@ class SetCriterion(nn.Module):
 
         indices = self.matcher.match_layers(sets, targets)  # ONE native call for all layers
 
-        enc = _enc_outputs(outputs) if self.weight_dense > 0 else None
-        dense_targets = None
-        if enc is not None:
-            dense_targets = self._dense_targets(enc, labels_all, boxes_all)
-
         # normalisers, averaged over ranks in one all-reduce
         b, q = logits0.shape[:2]
         counts = [float(flat_labels.numel())]
-        if dense_targets is not None:
-            counts.append(float(dense_targets[1]))
         matched = [sum(len(src) for src, _ in layer) for layer in indices]
         if self.class_head == "softmax":
             counts += [b * q * self.eos_coef + m * (1.0 - self.eos_coef) for m in matched]
@@ -264,15 +334,19 @@ class SetCriterion(nn.Module):
         num_boxes = norms[0].clamp(min=1.0)
         losses: dict[str, Tensor] = {}
         total = logits0.new_zeros(())
-        if enc is not None and dense_targets is not None:
-            onehot, _, valid = dense_targets
-            dense = sigmoid_focal_loss(
-                enc["pred_logits"], onehot, self.focal_alpha, self.focal_gamma
+        enc = _enc_outputs(outputs) if self.weight_dense > 0 else None
+        if enc is not None:
+            dense = dense_loss(
+                enc,
+                labels_all,
+                boxes_all,
+                focal_alpha=self.focal_alpha,
+                focal_gamma=self.focal_gamma,
+                weight_bbox=self.weight_bbox,
+                weight_giou=self.weight_giou,
             )
-            loss_dense = (dense * valid[..., None]).sum() / norms[1].clamp(min=1.0)
-            losses["loss_dense"] = loss_dense
-            total = total + self.weight_dense * loss_dense
-            norms = torch.cat([norms[:1], norms[2:]])
+            total = total + self.weight_dense * dense.pop("total")
+            losses.update(dense)
 
         for layer, (pred, idx) in enumerate(zip(sets, indices, strict=True)):
             batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(idx)]).to(
@@ -307,27 +381,6 @@ class SetCriterion(nn.Module):
                 )
         losses["loss"] = total
         return losses
-
-    @torch.no_grad()
-    def _dense_targets(
-        self, enc: Mapping[str, Tensor], labels: list[Tensor], boxes: list[Tensor]
-    ) -> tuple[Tensor, int, Tensor]:
-        """One-hot token targets (B, S, C), number of positive tokens, valid mask (B, S)."""
-        logits = enc["pred_logits"]
-        xy = enc["token_xy"].to(logits.dtype)
-        valid = ~enc["padding_mask"].to(torch.bool)
-        onehot = torch.zeros_like(logits)
-        for i, (lab, box) in enumerate(zip(labels, boxes, strict=True)):
-            if lab.numel() == 0:
-                continue
-            d = (xy[i][:, None, :] - box[None, :, :2]).abs()  # (S, T, 2)
-            inside = (d < box[None, :, 2:] / 2).all(-1) & valid[i][:, None]  # (S, T)
-            dist = d.square().sum(-1).masked_fill(~valid[i][:, None], float("inf"))
-            inside[dist.argmin(0), torch.arange(lab.numel(), device=lab.device)] = True
-            s_idx, t_idx = inside.nonzero(as_tuple=True)
-            onehot[i, s_idx, lab[t_idx]] = 1.0
-        num_pos = int((onehot.amax(-1) > 0).sum())
-        return onehot, num_pos, valid.to(logits.dtype)
 
     def _class_loss(
         self, logits: Tensor, batch_idx: Tensor, src_idx: Tensor, tgt_labels: Tensor

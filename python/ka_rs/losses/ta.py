@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from ka_rs.losses.set_criterion import (
     box_cxcywh_to_xyxy,
+    dense_loss,
     generalized_box_iou_pairs,
     sigmoid_focal_loss,
 )
@@ -94,6 +95,12 @@ def _field(obj: Any, key: str) -> Any:
     return value
 
 
+def _field_or_none(obj: Any, key: str) -> Any:
+    if isinstance(obj, Mapping):
+        return obj.get(key)
+    return getattr(obj, key, None)
+
+
 def _global_mean(values: Tensor) -> Tensor:
     """Average a 1-D tensor of counts over ranks (identity without torch.distributed)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -123,6 +130,10 @@ class TaskAmalgamationLoss(nn.Module):
             ``kinds`` given to ``build_pseudo_targets``) of each teacher, indexed by
             the pseudo-targets' ``"teacher"`` ids, for converting soft logits whose kind differs
             from ``class_head`` (see the module docstring). None = soft logits already match.
+        weight_dense: weight of the dense auxiliary loss when the student has a dense head
+            (``student_outputs.enc_outputs``, e.g. a two-stage student): its tokens learn the
+            pseudo-targets' hard labels and boxes exactly as a teacher's learn ground truth
+            (:func:`~ka_rs.losses.set_criterion.dense_loss`; an extension of the paper).
 
     ``forward(student_outputs, pseudo_targets)``:
         student_outputs: a ``DetrOutput`` (or mapping) with ``pred_logits`` (B, Q, K),
@@ -153,6 +164,7 @@ class TaskAmalgamationLoss(nn.Module):
         focal_gamma: float = 2.0,
         aux_loss: bool = True,
         teacher_kinds: Sequence[str] | None = None,
+        weight_dense: float = 1.0,
     ) -> None:
         super().__init__()
         if int(num_classes) < 1:
@@ -189,6 +201,7 @@ class TaskAmalgamationLoss(nn.Module):
         self.focal_gamma = float(focal_gamma)
         self.aux_loss = bool(aux_loss)
         self.teacher_kinds = teacher_kinds
+        self.weight_dense = float(weight_dense)
 
     @property
     def num_logits(self) -> int:
@@ -387,5 +400,18 @@ class TaskAmalgamationLoss(nn.Module):
                 + self.weight_bbox * loss_bbox
                 + self.weight_giou * loss_giou
             )
+        enc = _field_or_none(student_outputs, "enc_outputs")
+        if enc is not None and self.weight_dense > 0:
+            dense = dense_loss(
+                enc,
+                [t["labels"].to(device) for t in pseudo_targets],
+                boxes_per_image,
+                focal_alpha=self.focal_alpha,
+                focal_gamma=self.focal_gamma,
+                weight_bbox=self.weight_bbox,
+                weight_giou=self.weight_giou,
+            )
+            total = total + self.weight_dense * dense.pop("total")
+            out.update({k: v.detach() for k, v in dense.items()})
         out["loss"] = total
         return out

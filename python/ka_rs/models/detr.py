@@ -90,6 +90,13 @@ class DetrConfig:
             :class:`~ka_rs.losses.SetCriterion` to recognise the class of the object each token
             lies in (Co-DETR-style extra supervision of backbone and encoder; inference
             ignores it). The CPU anchor presets use it.
+        two_stage: ``"anchor"`` + ``dense_aux`` only: query selection from the encoder
+            (Deformable-DETR two-stage / RT-DETR style). A dense box head predicts a box for
+            every memory token; the Q tokens with the highest dense class score become the
+            decoder's queries: their boxes (detached) are the initial anchors and their memory
+            features (detached) the initial query content. The learned anchors are unused.
+            :class:`~ka_rs.losses.SetCriterion` trains the dense boxes on the tokens inside a
+            ground-truth box.
     """
 
     num_classes: int
@@ -107,6 +114,7 @@ class DetrConfig:
     anchor_size: float = 0.1
     box_prior: bool = False
     dense_aux: bool = False
+    two_stage: bool = False
 
     def __post_init__(self) -> None:
         self.cnn_channels = tuple(int(c) for c in self.cnn_channels)
@@ -132,6 +140,11 @@ class DetrConfig:
             )
         if self.box_prior and self.variant != "anchor":
             raise ValueError("box_prior: only the 'anchor' variant has a box prior")
+        if self.two_stage and not (self.variant == "anchor" and self.dense_aux):
+            raise ValueError(
+                "two_stage: needs variant='anchor' and dense_aux=True (the dense head scores "
+                "the proposals)"
+            )
         if not 0.0 < self.anchor_size < 1.0:
             raise ValueError(f"anchor_size: expected a value in (0, 1), got {self.anchor_size!r}")
 
@@ -174,7 +187,8 @@ class DetrOutput:
         padding_mask: (B, S) bool, True = padded token.
         enc_outputs: only with ``DetrConfig.dense_aux``: ``{"pred_logits": (B, S, C) dense
             sigmoid class logits of the encoder memory, "token_xy": (B, S, 2) normalised token
-            centres, "padding_mask": (B, S)}``; else None.
+            centres, "padding_mask": (B, S)}`` plus, with ``two_stage``, ``"pred_boxes"``
+            (B, S, 4) the dense proposal boxes (normalised cxcywh); else None.
     """
 
     pred_logits: Tensor
@@ -273,7 +287,11 @@ class DETR(nn.Module):
             init = torch.empty(config.num_queries, 4)
             init[:, :2].uniform_(0.0, 1.0)
             init[:, 2:] = config.anchor_size
-            self.anchors = nn.Parameter(inverse_sigmoid(init))
+            if config.two_stage:  # queries come from the encoder; these only fill in when
+                # an image has fewer tokens than queries (a buffer: no unused parameter)
+                self.register_buffer("anchors", inverse_sigmoid(init))
+            else:
+                self.anchors = nn.Parameter(inverse_sigmoid(init))
             # start from the anchors (zero delta) and from a low foreground prior (focal loss)
             nn.init.zeros_(self.bbox_embed.layers[-1].weight)
             nn.init.zeros_(self.bbox_embed.layers[-1].bias)
@@ -281,6 +299,12 @@ class DETR(nn.Module):
         if config.dense_aux:
             self.enc_class_embed = nn.Linear(d, config.num_classes)
             nn.init.constant_(self.enc_class_embed.bias, -math.log((1 - 0.01) / 0.01))
+        if config.two_stage:
+            # token box = sigmoid(logit of a cell-centred anchor_size box + delta); zero delta
+            # at the start
+            self.enc_bbox_embed = MLP(d, d, 4, 3)
+            nn.init.zeros_(self.enc_bbox_embed.layers[-1].weight)
+            nn.init.zeros_(self.enc_bbox_embed.layers[-1].bias)
 
     @property
     def num_queries(self) -> int:
@@ -348,15 +372,19 @@ class DETR(nn.Module):
             enc.tokens, enc.pos, padding, enc.attn_mask
         )
         token_xy = tile_centres(token_centres(feat_mask), memory.shape[1])
-        logits, boxes = self.decode(memory, enc.pos, padding, token_xy)
-        aux = [{"pred_logits": logits[i], "pred_boxes": boxes[i]} for i in range(len(logits) - 1)]
         enc_outputs = None
+        queries = None
         if self.config.dense_aux:
             enc_outputs = {
                 "pred_logits": self.enc_class_embed(memory),
                 "token_xy": token_xy,
                 "padding_mask": enc.padding_mask,
             }
+            if self.config.two_stage:
+                enc_outputs["pred_boxes"] = self.token_boxes(memory, token_xy)
+                queries = self.select_queries(memory, enc_outputs)
+        logits, boxes = self.decode(memory, enc.pos, padding, token_xy, queries)
+        aux = [{"pred_logits": logits[i], "pred_boxes": boxes[i]} for i in range(len(logits) - 1)]
         return DetrOutput(
             pred_logits=logits[-1],
             pred_boxes=boxes[-1],
@@ -366,12 +394,50 @@ class DETR(nn.Module):
             enc_outputs=enc_outputs,
         )
 
+    def token_boxes(self, memory: Tensor, token_xy: Tensor) -> Tensor:
+        """Dense proposal boxes (``two_stage``): (B, S, 4) normalised cxcywh, one per token,
+        predicted as a logit-space delta from a box of side ``anchor_size`` at the token's
+        cell centre."""
+        size = token_xy.new_full((*token_xy.shape[:-1], 2), self.config.anchor_size)
+        ref = inverse_sigmoid(torch.cat((token_xy.clamp(0.0, 1.0), size), dim=-1))
+        return (ref + self.enc_bbox_embed(memory)).sigmoid()
+
+    def select_queries(
+        self, memory: Tensor, enc_outputs: Mapping[str, Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        """Pick the decoder's queries from the encoder (``two_stage``).
+
+        The Q non-padded tokens with the highest dense class score (max over classes) give
+        the query content (their memory features) and the initial anchors (their proposal
+        boxes, in logit space); with fewer than Q tokens the learned anchors (and zero content)
+        fill the rest. Both are detached: the dense heads learn from their own loss,
+        not through the selection (as in DINO / RT-DETR).
+
+        Returns:
+            ``(content (B, Q, d), anchors (B, Q, 4))``.
+        """
+        scores = enc_outputs["pred_logits"].detach().amax(-1)
+        scores = scores.masked_fill(enc_outputs["padding_mask"].to(torch.bool), float("-inf"))
+        q = min(self.config.num_queries, scores.shape[1])
+        idx = scores.topk(q, dim=1).indices  # (B, q)
+        content = memory.detach().gather(1, idx[..., None].expand(-1, -1, memory.shape[-1]))
+        boxes = enc_outputs["pred_boxes"].detach().gather(1, idx[..., None].expand(-1, -1, 4))
+        anchors = inverse_sigmoid(boxes)
+        if q < self.config.num_queries:  # fewer tokens than queries (tiny images)
+            b, rest = memory.shape[0], self.anchors[q:]
+            content = torch.cat(
+                (content, content.new_zeros(b, rest.shape[0], content.shape[-1])), 1
+            )
+            anchors = torch.cat((anchors, rest.unsqueeze(0).expand(b, -1, -1)), 1)
+        return content, anchors
+
     def decode(
         self,
         memory: Tensor,
         pos: Tensor,
         padding_mask: Tensor | None,
         token_xy: Tensor | None = None,
+        queries: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Run the decoder and the heads on every decoder layer.
 
@@ -383,6 +449,9 @@ class DETR(nn.Module):
                 anchor variant's box prior. When the memory holds several copies of the h·w
                 grid along the token axis (S = k·h·w, like the amalgamation student's slots),
                 the centres are repeated k times.
+            queries: ``(content (B, Q, d), anchors (B, Q, 4) in logit space)`` chosen by
+                :meth:`select_queries` (``two_stage``); None = zero content and the learned
+                anchors.
 
         Returns:
             ``(logits (L, B, Q, K), boxes (L, B, Q, 4))``, boxes normalised cxcywh (sigmoid).
@@ -394,7 +463,10 @@ class DETR(nn.Module):
         if isinstance(decoder, AnchorDecoder):
             if token_xy is not None:
                 token_xy = tile_centres(token_xy, memory.shape[1])
-            anchors = self.anchors.unsqueeze(0).expand(b, -1, -1)
+            if queries is not None:
+                tgt, anchors = queries
+            else:
+                anchors = self.anchors.unsqueeze(0).expand(b, -1, -1)
             hidden, boxes = decoder.forward_refine(
                 tgt, memory, anchors, self.bbox_embed, pos, padding_mask, token_xy
             )

@@ -158,8 +158,8 @@ def build_student(
     The student copies the first teacher's architecture (backbone, width, heads, encoder and
     decoder depth, FFN width, dropout, variant, box prior), uses the largest teacher query
     count, and predicts ``num_classes`` = |U| classes (the union label space). It has no dense
-    auxiliary encoder head unless ``dense_aux=True`` is passed (that head learns from
-    ground-truth labels only).
+    auxiliary encoder head unless the teachers are two-stage (their query selection needs it)
+    or ``dense_aux=True`` is passed.
 
     Args:
         teacher_configs: the N ≥ 1 teachers' :class:`DetrConfig`, in slot order.
@@ -216,9 +216,10 @@ def build_student(
     fields["num_classes"] = num_classes
     fields["num_queries"] = max(cfg.num_queries for cfg in configs)
     # the dense auxiliary class head is a teacher-training aid fed by ground-truth labels; a
-    # label-free student has none, so by default it does not carry one (its parameters would
-    # never get a gradient, which DistributedDataParallel rejects). Override to keep it.
-    fields["dense_aux"] = False
+    # student keeps it only when its two-stage query selection needs it (TA then trains it on
+    # the pseudo-targets). Otherwise its parameters would never get a gradient, which
+    # DistributedDataParallel rejects. Override to keep it.
+    fields["dense_aux"] = bool(fields.get("two_stage", False))
     names = {f.name for f in dataclasses.fields(DetrConfig)}
     unknown = sorted(set(overrides) - names)
     if unknown:
