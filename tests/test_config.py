@@ -113,7 +113,7 @@ def test_nested_override_into_dict_field():
         ("train.batch_size=0", "train.batch_size"),
         ("optim.lr=-1", "optim.lr"),
         ("optim.lr=nan", "optim.lr"),
-        ("optim.lr_drop_unit=minute", "optim.lr_drop_unit"),
+        ("optim.lr_drop_unit=hour", "optim.lr_drop_unit"),
         ("train.device=tpu", "train.device"),
     ],
 )

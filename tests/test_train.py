@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from ka_rs.engine.checkpoint import load_checkpoint, load_detector
-from ka_rs.engine.config import Config, OptimConfig, TrainConfig, load_config
+from ka_rs.engine.config import Config, ConfigError, OptimConfig, TrainConfig, load_config
 from ka_rs.engine.distributed import ResumableDistributedSampler, SeededDataset
 from ka_rs.engine.logging import read_metrics
 from ka_rs.engine.train import TrainLoop, build_optimizer, train_teacher
@@ -92,6 +92,26 @@ def test_short_run_writes_outputs(tmp_path):
     assert det.model.config.num_classes == 4 and not det.model.training
     x = torch.randn(1, 3, 32, 32)
     assert det.model(x).pred_logits.shape == (1, 8, 4)
+
+
+def test_lr_drop_in_training_minutes(tmp_path):
+    # unit "minute": a milestone at 1e-6 minutes is passed after the first step, one far away
+    # never
+    now = tiny_config(
+        tmp_path / "now", "optim.lr_drop=[1e-6]", "optim.lr_drop_unit=minute", "train.max_steps=3"
+    )
+    train = read_metrics(Path(train_teacher(now).output_dir) / "metrics.jsonl", "train")
+    assert [r["lr"] for r in train] == pytest.approx([1e-5] * 3)
+    assert train[-1]["lr_backbone"] == pytest.approx(1e-6)
+    later = tiny_config(
+        tmp_path / "later", "optim.lr_drop=[600]", "optim.lr_drop_unit=minute", "train.max_steps=3"
+    )
+    train = read_metrics(Path(train_teacher(later).output_dir) / "metrics.jsonl", "train")
+    assert [r["lr"] for r in train] == pytest.approx([1e-4] * 3)
+    with pytest.raises(ConfigError, match="lr_drop_unit"):
+        tiny_config(tmp_path, "optim.lr_drop_unit=hour")
+    with pytest.raises(ConfigError, match="whole numbers"):
+        tiny_config(tmp_path, "optim.lr_drop=[2.5]", "optim.lr_drop_unit=step")
 
 
 def test_stop_and_resume_equals_uninterrupted(tmp_path):

@@ -112,8 +112,9 @@ class DataConfig:
 class OptimConfig:
     """AdamW with a separate backbone learning rate, gradient clipping and a step LR schedule.
 
-    ``lr_drop`` lists the milestones (in ``lr_drop_unit``: ``"epoch"`` or ``"step"``) at which
-    every learning rate is multiplied by ``lr_gamma`` (one milestone = DETR's StepLR); empty =
+    ``lr_drop`` lists the milestones (in ``lr_drop_unit``: ``"epoch"``, ``"step"`` or
+    ``"minute"`` of training time, evaluation excluded, for time-budgeted runs) at which every
+    learning rate is multiplied by ``lr_gamma`` (one milestone = DETR's StepLR); empty =
     constant. ``lr_backbone = 0`` freezes the backbone. ``clip_max_norm = 0`` disables clipping.
     """
 
@@ -121,7 +122,7 @@ class OptimConfig:
     lr_backbone: float = 1e-5
     weight_decay: float = 1e-4
     clip_max_norm: float = 0.1
-    lr_drop: list[int] = field(default_factory=list)
+    lr_drop: list[int | float] = field(default_factory=list)
     lr_drop_unit: str = "epoch"
     lr_gamma: float = 0.1
 
@@ -391,7 +392,7 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
 
 _CHOICES = {
     ("data", "source"): ("shapes", "coco", "voc"),
-    ("optim", "lr_drop_unit"): ("epoch", "step"),
+    ("optim", "lr_drop_unit"): ("epoch", "step", "minute"),
 }
 
 
@@ -434,6 +435,13 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"data.scales: sizes must be > 0, got {cfg.data.scales}")
     if any(m <= 0 for m in cfg.optim.lr_drop):
         raise ConfigError(f"optim.lr_drop: milestones must be > 0, got {cfg.optim.lr_drop}")
+    if cfg.optim.lr_drop_unit != "minute" and any(
+        not float(m).is_integer() for m in cfg.optim.lr_drop
+    ):
+        raise ConfigError(
+            f"optim.lr_drop: {cfg.optim.lr_drop_unit} milestones must be whole numbers, "
+            f"got {cfg.optim.lr_drop}"
+        )
     if cfg.data.teacher and not cfg.data.split:
         raise ConfigError("data.teacher: needs data.split (a split preset such as 'shapes-halves')")
     if cfg.data.split and cfg.data.classes:

@@ -148,13 +148,20 @@ def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
 def build_scheduler(
     optimizer: torch.optim.Optimizer, optim: OptimConfig
 ) -> torch.optim.lr_scheduler.MultiStepLR:
-    """Multiply every LR by ``lr_gamma`` at each ``lr_drop`` milestone (epochs or steps).
+    """Multiply every LR by ``lr_gamma`` at each ``lr_drop`` milestone.
 
-    The caller steps it once per epoch or once per optimiser step, per ``lr_drop_unit``.
+    The caller steps it once per epoch or once per optimiser step, per ``lr_drop_unit``; for
+    ``"minute"`` it steps it once per milestone passed (the scheduler then counts drops).
     """
     return torch.optim.lr_scheduler.MultiStepLR(
-        optimizer, milestones=sorted(optim.lr_drop), gamma=optim.lr_gamma
+        optimizer, milestones=_milestones(optim), gamma=optim.lr_gamma
     )
+
+
+def _milestones(optim: OptimConfig) -> list[int]:
+    if optim.lr_drop_unit == "minute":  # the scheduler's "epoch" counts the drops done
+        return list(range(1, len(optim.lr_drop) + 1))
+    return sorted(int(m) for m in optim.lr_drop)
 
 
 def move_targets(targets: Any, device: torch.device) -> Any:
@@ -313,9 +320,7 @@ class TrainLoop:
         if "scheduler" in ckpt:
             self.scheduler.load_state_dict(ckpt["scheduler"])
             # the config may change the milestones on resume: the config wins
-            self.scheduler.milestones = type(self.scheduler.milestones)(
-                sorted(self.optim_cfg.lr_drop)
-            )
+            self.scheduler.milestones = type(self.scheduler.milestones)(_milestones(self.optim_cfg))
         self.state = TrainState(
             step=int(ckpt["step"]),
             epoch=int(ckpt["epoch"]),
@@ -495,6 +500,9 @@ class TrainLoop:
         eval_min = cfg.eval_every_minutes
         next_eval_min = (math.floor(st.train_minutes / eval_min) + 1) * eval_min if eval_min else 0
         step_unit = self.optim_cfg.lr_drop_unit == "step"
+        minute_drops = (
+            sorted(self.optim_cfg.lr_drop) if self.optim_cfg.lr_drop_unit == "minute" else []
+        )
         by_time = budget_s > 0  # the bar counts training seconds, else optimiser steps
         stopped_by = self._stop_reason()
         window = _Window()
@@ -524,14 +532,19 @@ class TrainLoop:
                         window.add({**comps, "grad_norm": grad_norm}, n_img, now - t_last)
 
                         eval_due_by_time = False
-                        if budget_s > 0 or eval_min > 0:
-                            over, eval_due_by_time = broadcast_object(
+                        if budget_s > 0 or eval_min > 0 or minute_drops:
+                            # rank 0's clock decides, so that every rank agrees
+                            passed = sum(m <= st.train_minutes for m in minute_drops)
+                            over, eval_due_by_time, drop_due = broadcast_object(
                                 (
                                     budget_s > 0 and st.train_seconds >= budget_s,
                                     eval_min > 0 and st.train_minutes >= next_eval_min,
+                                    passed > self.scheduler.last_epoch,
                                 )
                             )
                             stopped_by = "time_budget" if over else ""
+                            if drop_due:
+                                self.scheduler.step()
                         if cfg.max_steps and st.step >= cfg.max_steps:
                             stopped_by = "max_steps"
 
@@ -548,7 +561,7 @@ class TrainLoop:
                         if epoch_done:
                             st.epoch += 1
                             st.batch_in_epoch = 0
-                            if not step_unit:
+                            if self.optim_cfg.lr_drop_unit == "epoch":
                                 self.scheduler.step()
                             if st.epoch >= cfg.epochs:
                                 stopped_by = stopped_by or "epochs"

@@ -1,22 +1,24 @@
 """Named model presets: the paper's DETR-R50 and CPU-sized models that train in minutes.
 
-=============  ========  ===============  ===  ===  ===  ====  =======  ======  =============
+=============  ========  ===============  ===  ===  ===  ====  =======  ======  ====================
 preset         variant   backbone         d    enc  dec  FFN   queries  params  extras
-=============  ========  ===============  ===  ===  ===  ====  =======  ======  =============
+=============  ========  ===============  ===  ===  ===  ====  =======  ======  ====================
 detr_r50       detr      resnet50 (s32)   256  6    6    2048  100      41.5M   the paper's
 detr_small     detr      small_cnn (s16)  128  3    3    512   30       2.0M    plain DETR
 detr_tiny      detr      small_cnn (s16)  96   2    2    384   20       0.92M   plain DETR
-anchor_small   anchor    small_cnn (s8)   128  3    3    512   30       1.8M    prior + dense
-anchor_tiny    anchor    small_cnn (s8)   96   2    2    384   20       0.87M   prior + dense
-=============  ========  ===============  ===  ===  ===  ====  =======  ======  =============
+anchor_small   anchor    small_cnn (s8)   128  3    3    512   30       1.8M    prior+dense+2-stage
+anchor_tiny    anchor    small_cnn (s8)   96   2    2    384   20       0.89M   prior+dense+2-stage
+=============  ========  ===============  ===  ===  ===  ====  =======  ======  ====================
 
 (params for 4 classes; ``s16`` = output stride 16.) The CPU presets use the GroupNorm small CNN
 and no dropout (synthetic data, short schedules). The anchor presets are the fast-converging
 ones: stride-8 features (a 12×12 token grid at 96 px), the Gaussian box prior on the decoder's
-cross-attention (``box_prior``) and the dense auxiliary encoder class head (``dense_aux``).
-Measured on the shapes data (4 classes + 4 unlabelled distractor classes, 96 px), each of these
-roughly doubled AP50 at a fixed number of training images; the remaining bottleneck is how fast
-the small CNN learns to tell shapes apart. :data:`TRAINING_HINTS` gives the image size, batch
+cross-attention (``box_prior``), the dense auxiliary encoder class head (``dense_aux``) and
+two-stage query selection from the encoder (``two_stage``). Measured on the shapes data
+(4 classes + 4 unlabelled distractor classes, 96 px): the first two each roughly doubled AP50
+at a fixed number of training images; two-stage selection with lr 1e-3 raised AP50 after 11k
+images from 0.15 to 0.20. The remaining bottleneck is how fast the small CNN learns to tell
+small shapes apart. :data:`TRAINING_HINTS` gives the image size, batch
 size and learning rates the presets were tuned with; they are suggestions for the training
 engine, not part of the model.
 """
@@ -79,6 +81,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "variant": "anchor",
         "box_prior": True,
         "dense_aux": True,
+        "two_stage": True,
     },
     "anchor_tiny": {
         "backbone": "small_cnn",
@@ -93,6 +96,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "variant": "anchor",
         "box_prior": True,
         "dense_aux": True,
+        "two_stage": True,
     },
 }
 
@@ -101,8 +105,8 @@ TRAINING_HINTS: dict[str, dict[str, Any]] = {
     "detr_r50": {"image_size": 800, "batch_size": 2, "lr": 1e-4, "lr_backbone": 1e-5},
     "detr_small": {"image_size": 128, "batch_size": 16, "lr": 2e-4, "lr_backbone": 2e-4},
     "detr_tiny": {"image_size": 128, "batch_size": 16, "lr": 2e-4, "lr_backbone": 2e-4},
-    "anchor_small": {"image_size": 96, "batch_size": 8, "lr": 5e-4, "lr_backbone": 5e-4},
-    "anchor_tiny": {"image_size": 96, "batch_size": 8, "lr": 5e-4, "lr_backbone": 5e-4},
+    "anchor_small": {"image_size": 96, "batch_size": 16, "lr": 1e-3, "lr_backbone": 1e-3},
+    "anchor_tiny": {"image_size": 96, "batch_size": 16, "lr": 1e-3, "lr_backbone": 1e-3},
 }
 
 
