@@ -86,7 +86,7 @@ def test_second_demo_reuses_the_cached_teachers(quick_demo, tmp_path):
     # another teacher config is another cache entry; run-only settings are not part of the key
     base = load_demo_config(None, quick=True)
     keys = {teacher_key(base, "teacher_a")}
-    for extra in ("teacher.train.max_steps=4", "teacher.optim.lr=1e-3", "teacher.data.seed=1"):
+    for extra in ("teacher.train.max_steps=4", "teacher.optim.lr=3e-3", "teacher.data.seed=1"):
         keys.add(teacher_key(load_demo_config(None, [extra], quick=True), "teacher_a"))
     assert len(keys) == 4
     same = load_demo_config(None, ["teacher.train.log_every_steps=1"], quick=True)

@@ -371,7 +371,8 @@ class DETR(nn.Module):
         layer_outputs, memory = self.transformer.encoder(
             enc.tokens, enc.pos, padding, enc.attn_mask
         )
-        token_xy = tile_centres(token_centres(feat_mask), memory.shape[1])
+        cell_xy = token_centres(feat_mask)
+        token_xy = tile_centres(cell_xy, memory.shape[1])
         enc_outputs = None
         queries = None
         if self.config.dense_aux:
@@ -382,7 +383,7 @@ class DETR(nn.Module):
             }
             if self.config.two_stage:
                 enc_outputs["pred_boxes"] = self.token_boxes(memory, token_xy)
-                queries = self.select_queries(memory, enc_outputs)
+                queries = self.select_queries(memory, enc_outputs, cell_xy.shape[1])
         logits, boxes = self.decode(memory, enc.pos, padding, token_xy, queries)
         aux = [{"pred_logits": logits[i], "pred_boxes": boxes[i]} for i in range(len(logits) - 1)]
         return DetrOutput(
@@ -403,14 +404,17 @@ class DETR(nn.Module):
         return (ref + self.enc_bbox_embed(memory)).sigmoid()
 
     def select_queries(
-        self, memory: Tensor, enc_outputs: Mapping[str, Tensor]
+        self, memory: Tensor, enc_outputs: Mapping[str, Tensor], num_cells: int | None = None
     ) -> tuple[Tensor, Tensor]:
         """Pick the decoder's queries from the encoder (``two_stage``).
 
         The Q non-padded tokens with the highest dense class score (max over classes) give
         the query content (their memory features) and the initial anchors (their proposal
         boxes, in logit space); with fewer than Q tokens the learned anchors (and zero content)
-        fill the rest. Both are detached: the dense heads learn from their own loss,
+        fill the rest. A memory holding k copies of the cell grid (the amalgamation student's
+        slots; ``num_cells`` = h·w cells) is scored per cell (the best of its k tokens), so
+        every query looks at a different image location, and a student whose slots all equal
+        one teacher's tokens picks exactly that teacher's queries. Both are detached: the dense heads learn from their own loss,
         not through the selection (as in DINO / RT-DETR).
 
         Returns:
@@ -418,13 +422,18 @@ class DETR(nn.Module):
         """
         scores = enc_outputs["pred_logits"].detach().amax(-1)
         scores = scores.masked_fill(enc_outputs["padding_mask"].to(torch.bool), float("-inf"))
-        q = min(self.config.num_queries, scores.shape[1])
-        idx = scores.topk(q, dim=1).indices  # (B, q)
+        b, s = scores.shape
+        cells = num_cells or s
+        # best token of each cell over the k slots (ties: the first slot)
+        cell_scores, slot = scores.reshape(b, s // cells, cells).max(dim=1)
+        q = min(self.config.num_queries, cells)
+        top_cells = cell_scores.topk(q, dim=1).indices  # (B, q)
+        idx = slot.gather(1, top_cells) * cells + top_cells  # token index in the memory
         content = memory.detach().gather(1, idx[..., None].expand(-1, -1, memory.shape[-1]))
         boxes = enc_outputs["pred_boxes"].detach().gather(1, idx[..., None].expand(-1, -1, 4))
         anchors = inverse_sigmoid(boxes)
         if q < self.config.num_queries:  # fewer tokens than queries (tiny images)
-            b, rest = memory.shape[0], self.anchors[q:]
+            rest = self.anchors[q:]
             content = torch.cat(
                 (content, content.new_zeros(b, rest.shape[0], content.shape[-1])), 1
             )
