@@ -3,7 +3,6 @@ schedule, aggregation projection trained, resume exactness, CLI errors, torchrun
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -28,7 +27,7 @@ from ka_rs.engine.config import ConfigError, dump_toml
 from ka_rs.engine.logging import read_metrics
 from ka_rs.labels import LabelSpace
 from ka_rs.losses import TaskAmalgamationLoss
-from ka_rs.models import AmalgamationStudent, DetrConfig, build_model, build_student
+from ka_rs.models import AmalgamationStudent, build_model, build_student
 
 TINY = {
     "hidden_dim": 32,

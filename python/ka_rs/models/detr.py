@@ -414,8 +414,8 @@ class DETR(nn.Module):
         fill the rest. A memory holding k copies of the cell grid (the amalgamation student's
         slots; ``num_cells`` = h·w cells) is scored per cell (the best of its k tokens), so
         every query looks at a different image location, and a student whose slots all equal
-        one teacher's tokens picks exactly that teacher's queries. Both are detached: the dense heads learn from their own loss,
-        not through the selection (as in DINO / RT-DETR).
+        one teacher's tokens picks exactly that teacher's queries. Both are detached: the dense
+        heads learn from their own loss, not through the selection (as in DINO / RT-DETR).
 
         Returns:
             ``(content (B, Q, d), anchors (B, Q, 4))``.
