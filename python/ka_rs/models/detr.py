@@ -413,9 +413,10 @@ class DETR(nn.Module):
         boxes, in logit space); with fewer than Q tokens the learned anchors (and zero content)
         fill the rest. A memory holding k copies of the cell grid (the amalgamation student's
         slots; ``num_cells`` = h·w cells) is scored per cell (the best of its k tokens), so
-        every query looks at a different image location, and a student whose slots all equal
-        one teacher's tokens picks exactly that teacher's queries. Both are detached: the dense
-        heads learn from their own loss, not through the selection (as in DINO / RT-DETR).
+        every query looks at a different image location (a student whose slots carry equal
+        tokens, as after ``init_from``, does not pick one location twice). Both are detached:
+        the dense heads learn from their own loss, not through the selection (as in DINO /
+        RT-DETR).
 
         Returns:
             ``(content (B, Q, d), anchors (B, Q, 4))``.
