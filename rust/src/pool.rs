@@ -188,16 +188,23 @@ where
                 .append(&mut local);
         }
     };
+    run_with_helpers(p, &work);
+    let mut pairs = done.into_inner().unwrap_or_else(|e| e.into_inner());
+    pairs.sort_unstable_by_key(|&(i, _)| i);
+    debug_assert_eq!(pairs.len(), n);
+    pairs.into_iter().map(|(_, t)| t).collect()
+}
+
+/// Run `work` on the calling thread and on every helper of the pool, returning when all are
+/// done. `work` must pull its items from shared state (a counter, a locked iterator), so the
+/// caller starts at once and a helper that wakes late just finds less to do.
+fn run_with_helpers(p: &ThreadPool, work: &(dyn Fn() + Sync)) {
     p.in_place_scope(|s| {
         for _ in 0..p.current_num_threads() {
             s.spawn(|_| work());
         }
         work();
     });
-    let mut pairs = done.into_inner().unwrap_or_else(|e| e.into_inner());
-    pairs.sort_unstable_by_key(|&(i, _)| i);
-    debug_assert_eq!(pairs.len(), n);
-    pairs.into_iter().map(|(_, t)| t).collect()
 }
 
 /// `(0..n).map(f)` collected in order; parallel when `work` (a rough count of inner-loop
@@ -231,12 +238,7 @@ where
                     None => break,
                 }
             };
-            p.in_place_scope(|s| {
-                for _ in 0..p.current_num_threads() {
-                    s.spawn(|_| work());
-                }
-                work();
-            });
+            run_with_helpers(p, &work);
             return;
         }
     }
