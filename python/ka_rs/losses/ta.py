@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ka_rs.losses.set_criterion import (
+    _enc_outputs,
     box_cxcywh_to_xyxy,
     dense_loss,
     generalized_box_iou_pairs,
@@ -93,12 +94,6 @@ def _field(obj: Any, key: str) -> Any:
         except (KeyError, TypeError, IndexError):
             value = None
     return value
-
-
-def _field_or_none(obj: Any, key: str) -> Any:
-    if isinstance(obj, Mapping):
-        return obj.get(key)
-    return getattr(obj, key, None)
 
 
 def _global_mean(values: Tensor) -> Tensor:
@@ -400,7 +395,7 @@ class TaskAmalgamationLoss(nn.Module):
                 + self.weight_bbox * loss_bbox
                 + self.weight_giou * loss_giou
             )
-        enc = _field_or_none(student_outputs, "enc_outputs")
+        enc = _enc_outputs(student_outputs)
         if enc is not None and self.weight_dense > 0:
             dense = dense_loss(
                 enc,

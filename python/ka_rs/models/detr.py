@@ -92,9 +92,11 @@ class DetrConfig:
             ignores it). The CPU anchor presets use it.
         two_stage: ``"anchor"`` + ``dense_aux`` only: query selection from the encoder
             (Deformable-DETR two-stage / RT-DETR style). A dense box head predicts a box for
-            every memory token; the Q tokens with the highest dense class score become the
-            decoder's queries: their boxes (detached) are the initial anchors and their memory
-            features (detached) the initial query content. The learned anchors are unused.
+            every memory token; the Q feature-map cells with the highest dense class score
+            become the decoder's queries (see :meth:`DETR.select_queries`): their boxes
+            (detached) are the initial anchors and their memory features (detached) the
+            initial query content. The anchors are then a fixed buffer that only fills in
+            when an image has fewer cells than queries.
             :class:`~ka_rs.losses.SetCriterion` trains the dense boxes on the tokens inside a
             ground-truth box.
     """
@@ -468,7 +470,6 @@ class DETR(nn.Module):
         """
         b = memory.shape[0]
         d = self.config.hidden_dim
-        tgt = memory.new_zeros(b, self.config.num_queries, d)
         decoder = self.transformer.decoder
         if isinstance(decoder, AnchorDecoder):
             if token_xy is not None:
@@ -476,11 +477,13 @@ class DETR(nn.Module):
             if queries is not None:
                 tgt, anchors = queries
             else:
+                tgt = memory.new_zeros(b, self.config.num_queries, d)
                 anchors = self.anchors.unsqueeze(0).expand(b, -1, -1)
             hidden, boxes = decoder.forward_refine(
                 tgt, memory, anchors, self.bbox_embed, pos, padding_mask, token_xy
             )
         else:
+            tgt = memory.new_zeros(b, self.config.num_queries, d)
             query_pos = self.query_embed.weight.unsqueeze(0).expand(b, -1, -1)
             hidden = decoder(tgt, memory, query_pos, pos, padding_mask)
             boxes = self.bbox_embed(hidden).sigmoid()
