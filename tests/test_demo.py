@@ -38,6 +38,8 @@ def quick_demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, di
             [
                 *("demo", "--quick", "--threads", "1", "--cache-dir", str(cache)),
                 *("--output", str(out), "--no-progress"),
+                # the student in this process (the DDP student has its own test below)
+                *("--set", "demo.student_processes=1"),
             ]
         )
     finally:
@@ -92,6 +94,38 @@ def test_second_demo_reuses_the_cached_teachers(quick_demo, tmp_path):
     same = load_demo_config(None, ["teacher.train.log_every_steps=1"], quick=True)
     assert teacher_key(same, "teacher_a") == teacher_key(base, "teacher_a")
     assert teacher_key(base, "teacher_a") != teacher_key(base, "teacher_b")
+
+
+def test_quick_demo_student_trains_data_parallel(quick_demo, tmp_path):
+    cache, _, first = quick_demo
+    out = tmp_path / "ddp"
+    args = ["demo", "--quick", "--threads", "1", "--cache-dir", str(cache), "--output", str(out)]
+    assert main([*args, "--no-progress", "--set", "demo.student_processes=2"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert all(t["cached"] for t in res["teachers"])
+    assert res["student"]["processes"] == 2 and res["student"]["steps"] == 6
+    # both ranks logged; rank 0 wrote the metrics and the checkpoint the demo evaluated
+    assert (out / "student" / "train.log").is_file()
+    assert (out / "student" / "train_rank1.log").is_file()
+    recs = [json.loads(x) for x in (out / "student" / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in recs) == 6
+    assert set(res["evaluation"]["student"]["subsets"]) == {"all", "teacher_a", "teacher_b"}
+    assert "data-parallel (DDP, gloo) in 2 processes of 4 images" in (out / "report.md").read_text()
+    # the teachers are the cached ones, so their numbers are unchanged
+    teacher_b = res["per_teacher"]["teacher_b"]["teacher"]
+    assert teacher_b == first["per_teacher"]["teacher_b"]["teacher"]
+
+
+def test_student_processes_setting():
+    from ka_rs.engine.demo import student_processes
+
+    assert student_processes(1, 16)[0] == 1
+    assert student_processes(2, 16)[0] == 2
+    assert student_processes(0, 15)[0] == 1  # an odd batch does not split: one process
+    with pytest.raises(ConfigError, match="does not split evenly over 3 processes"):
+        student_processes(3, 16)
+    with pytest.raises(ConfigError, match="must be >= 0"):
+        student_processes(-1, 16)
 
 
 def test_quick_ablation_reuses_the_demo_student(quick_demo, tmp_path, capsys):

@@ -98,6 +98,11 @@ class DemoSettings:
         workers: processes for independent trainings (the teachers; ablation variants):
             0 = one per job up to the CPU count, each with CPUs / processes torch threads;
             1 = one after the other in this process.
+        student_processes: data-parallel processes (DDP over gloo) for the student, each with
+            CPUs / processes torch threads and ``batch_size / processes`` images per step (the
+            global batch, and so the optimisation, stays the same): 0 = auto (2 on a machine
+            with ≥ 2 CPUs when the batch splits evenly: small models use processes better
+            than intra-op threads), 1 = this process.
     """
 
     split: str = "shapes-halves"
@@ -106,6 +111,7 @@ class DemoSettings:
     grid_images: int = 8
     draw_threshold: float = 0.35
     workers: int = 0
+    student_processes: int = 0
 
 
 #: The full demo (``configs/demo.toml`` holds the same values). Budgets are in optimiser steps
@@ -119,6 +125,7 @@ DEMO_DEFAULTS: dict[str, Any] = {
         "grid_images": 8,
         "draw_threshold": 0.35,
         "workers": 0,
+        "student_processes": 0,
     },
     "teacher": {
         "model": {"preset": "anchor_tiny"},
@@ -436,6 +443,144 @@ def _job_train_teacher(
         "final_eval": dict(result.final_eval),
         "wall_seconds": time.perf_counter() - t0,
     }
+
+
+def _job_amalgamate_rank(
+    cfg_dict: dict[str, Any], rank: int, world: int, port: int, threads: int, log_path: str
+) -> dict[str, Any] | None:
+    """Child process: rank ``rank`` of a ``world``-process data-parallel student run."""
+    _redirect_output(log_path)
+    torch.set_num_threads(threads)
+    # torchrun's environment, read by ka_rs.engine.distributed.init_distributed
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+    )
+    res = amalgamate(AmalgamateConfig.from_dict(cfg_dict))
+    if rank != 0:
+        return None
+    return {
+        "output_dir": str(res.output_dir),
+        "checkpoint": str(res.checkpoint) if res.checkpoint else None,
+        "stopped_by": res.stopped_by,
+        "step": res.step,
+        "train_minutes": res.train_minutes,
+        "class_names": list(res.class_names),
+        "subsets": {k: list(v) for k, v in res.subsets.items()},
+    }
+
+
+def student_processes(setting: int, batch_size: int) -> tuple[int, int]:
+    """``(processes, torch threads each)`` for the demo's student (``demo.student_processes``).
+
+    Raises:
+        ConfigError: a negative setting, or a batch that does not split over the processes.
+    """
+    cpus = os.cpu_count() or 1
+    if setting < 0:
+        raise ConfigError(f"demo.student_processes: must be >= 0, got {setting}")
+    if setting == 0:
+        n = 2 if cpus >= 2 and batch_size % 2 == 0 else 1
+    else:
+        n = setting
+        if batch_size % n:
+            raise ConfigError(
+                f"demo.student_processes: student.train.batch_size {batch_size} does not split "
+                f"evenly over {n} processes"
+            )
+    return n, max(1, cpus // n)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class StudentRun:
+    """The demo's trained student: its model (eval mode) and what its run reported."""
+
+    model: nn.Module
+    output_dir: Path
+    checkpoint: Path | None
+    stopped_by: str
+    step: int
+    train_minutes: float
+    class_names: list[str]
+    subsets: dict[str, list[str]]
+    processes: int
+
+
+def train_student(
+    scfg: AmalgamateConfig,
+    teachers: Sequence[LoadedTeacher],
+    processes: int,
+    threads: int,
+    *,
+    progress: bool = True,
+    console: Any = None,
+) -> StudentRun:
+    """Amalgamate the demo's student in this process or in ``processes`` DDP workers."""
+    from ka_rs.engine.amalgamate import load_student
+
+    if processes == 1:
+        res = amalgamate(scfg, teachers=teachers, keep_model=True)
+        assert res.model is not None
+        return StudentRun(
+            res.model,
+            Path(res.output_dir),
+            Path(res.checkpoint) if res.checkpoint else None,
+            res.stopped_by,
+            res.step,
+            res.train_minutes,
+            list(res.class_names),
+            {k: list(v) for k, v in res.subsets.items()},
+            1,
+        )
+    per_rank = copy.deepcopy(scfg)
+    per_rank.train.batch_size = scfg.train.batch_size // processes
+    per_rank.train.progress = False
+    out = Path(scfg.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    jobs = [
+        Job(
+            label=f"student (process {rank + 1}/{processes})",
+            fn=_job_amalgamate_rank,
+            kwargs={
+                "cfg_dict": per_rank.to_dict(),
+                "rank": rank,
+                "world": processes,
+                "port": port,
+                "log_path": str(out / ("train.log" if rank == 0 else f"train_rank{rank}.log")),
+            },
+            metrics=out / "metrics.jsonl",  # rank 0 writes it; the ranks step together
+            total_steps=scfg.train.max_steps or 0,
+        )
+        for rank in range(processes)
+    ]
+    summary = run_jobs(jobs, processes, threads, progress=progress, console=console)[0]
+    if not summary or not summary.get("checkpoint"):
+        raise RuntimeError(f"student: rank 0 wrote no checkpoint; log: {out / 'train.log'}")
+    loaded = load_student(summary["checkpoint"])
+    return StudentRun(
+        loaded.model,
+        Path(summary["output_dir"]),
+        Path(summary["checkpoint"]),
+        str(summary["stopped_by"]),
+        int(summary["step"]),
+        float(summary["train_minutes"]),
+        list(summary["class_names"]),
+        dict(summary["subsets"]),
+        processes,
+    )
 
 
 @dataclass
@@ -801,13 +946,19 @@ def run_demo(
     scfg.train.progress = progress
     if not scfg.data.image_size:
         scfg.data.image_size = cfg.teacher.data.image_size
-    say(f"student: amalgamating {', '.join(r.name for r in runs)} (label-free) -> student/")
+    processes, threads = student_processes(cfg.demo.student_processes, scfg.train.batch_size)
+    how = (
+        f"{processes} DDP processes x {threads} torch thread(s), "
+        f"{scfg.train.batch_size // processes} images each per step"
+        if processes > 1
+        else f"{torch.get_num_threads()} torch thread(s)"
+    )
+    say(f"student: amalgamating {', '.join(r.name for r in runs)} (label-free; {how}) -> student/")
     t0 = time.perf_counter()
-    res = amalgamate(scfg, teachers=teachers, keep_model=True)
+    res = train_student(scfg, teachers, processes, threads, progress=progress, console=console)
     timings["student"] = time.perf_counter() - t0
     load["after_student"] = _loadavg()
     student = res.model
-    assert student is not None
 
     # 3. evaluation on held-out images
     t0 = time.perf_counter()
@@ -895,6 +1046,7 @@ def run_demo(
             "steps": res.step,
             "train_minutes": round(res.train_minutes, 3),
             "stopped_by": res.stopped_by,
+            "processes": res.processes,
         },
         "evaluation": {
             "split": cfg.demo.eval_split,
@@ -923,6 +1075,7 @@ def run_demo(
         run_dir=res.output_dir,
         steps=res.step,
         train_minutes=res.train_minutes,
+        processes=res.processes,
     )
     (out / "report.md").write_text(render_report(results, cfg))
     console.print(results_table(results))
@@ -934,8 +1087,14 @@ def run_demo(
     return results
 
 
-def student_key(cfg: AmalgamateConfig, runs: Sequence[TeacherRun], demo: DemoSettings) -> str:
-    """Cache key of a student result: its config, the teachers' keys and the evaluation set."""
+def student_key(
+    cfg: AmalgamateConfig,
+    runs: Sequence[TeacherRun],
+    demo: DemoSettings,
+    processes: int = 1,
+) -> str:
+    """Cache key of a student result: its config, the process count it trained with (DDP
+    sees other batches than one process), the teachers' keys and the evaluation set."""
     d = cfg.to_dict()
     d.pop("teachers", None)
     for section in ("train",):
@@ -947,6 +1106,7 @@ def student_key(cfg: AmalgamateConfig, runs: Sequence[TeacherRun], demo: DemoSet
             "teachers": [r.key for r in runs],
             "eval": [demo.eval_split, demo.num_eval_images],
             "version": _version(),
+            **({"processes": processes} if processes != 1 else {}),
         }
     )
 
@@ -961,9 +1121,10 @@ def write_student_cache(
     run_dir: str | Path,
     steps: int,
     train_minutes: float,
+    processes: int = 1,
 ) -> None:
     """Remember a student's test evaluation (``ka-rs ablate`` reuses the demo's SA + TA run)."""
-    key = student_key(scfg, runs, demo)
+    key = student_key(scfg, runs, demo, processes)
     d = cache / "students" / key
     d.mkdir(parents=True, exist_ok=True)
     (d / "result.json").write_text(
@@ -1124,6 +1285,13 @@ def render_report(results: Mapping[str, Any], cfg: DemoConfig) -> str:
         lines.append(
             f"- The teachers trained side by side in {procs[0]} processes with {procs[1]} torch "
             "thread(s) each (small models use processes far better than intra-op threads)."
+        )
+    sprocs = results.get("student", {}).get("processes", 1)
+    if sprocs > 1:
+        lines.append(
+            f"- The student trained data-parallel (DDP, gloo) in {sprocs} processes of "
+            f"{sc.train.batch_size // sprocs} images per step each: the same global batch of "
+            f"{sc.train.batch_size}."
         )
     if a.cache_teachers:
         lines.append(
