@@ -38,8 +38,6 @@ def quick_demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, di
             [
                 *("demo", "--quick", "--threads", "1", "--cache-dir", str(cache)),
                 *("--output", str(out), "--no-progress"),
-                # the student in this process (the DDP student has its own test below)
-                *("--set", "demo.student_processes=1"),
             ]
         )
     finally:
@@ -119,13 +117,12 @@ def test_quick_demo_student_trains_data_parallel(quick_demo, tmp_path):
 def test_student_processes_setting():
     from ka_rs.engine.demo import student_processes
 
-    assert student_processes(1, 16)[0] == 1
+    assert student_processes(1, 16) == (1, torch.get_num_threads())
     assert student_processes(2, 16)[0] == 2
-    assert student_processes(0, 15)[0] == 1  # an odd batch does not split: one process
     with pytest.raises(ConfigError, match="does not split evenly over 3 processes"):
         student_processes(3, 16)
-    with pytest.raises(ConfigError, match="must be >= 0"):
-        student_processes(-1, 16)
+    with pytest.raises(ConfigError, match="must be >= 1"):
+        student_processes(0, 16)
 
 
 def test_quick_ablation_reuses_the_demo_student(quick_demo, tmp_path, capsys):
@@ -208,3 +205,49 @@ def test_a_failing_worker_names_its_job_and_log(tmp_path):
     with pytest.raises(RuntimeError, match="teacher broken: failed .*train.batch_sise") as err:
         run_jobs([job, job], 2, 1, progress=False)
     assert str(log) in str(err.value)
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie waiting to be reaped counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return not any(line.startswith("State:") and "Z" in line.split()[1] for line in f)
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_workers_exit_when_the_demo_process_dies(tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    pidfile = tmp_path / "worker.pid"
+    worker = (
+        "import os, time; from ka_rs.engine.demo import _exit_with_parent; "
+        f"_exit_with_parent(0.1); open({str(pidfile)!r}, 'w').write(str(os.getpid())); "
+        "time.sleep(120)"
+    )
+    parent = textwrap.dedent(
+        f"""
+        import subprocess, sys, time
+        subprocess.Popen([sys.executable, "-c", {worker!r}])
+        time.sleep(120)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", parent])
+    try:
+        deadline = time.monotonic() + 120
+        while not (pidfile.is_file() and pidfile.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        worker_pid = int(pidfile.read_text())
+        assert _alive(worker_pid)
+        proc.kill()  # SIGKILL to the parent alone, as a scheduler might
+        proc.wait()
+        deadline = time.monotonic() + 30
+        while _alive(worker_pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(worker_pid), "the worker outlived its parent"
+    finally:
+        proc.kill()
