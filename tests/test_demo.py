@@ -65,7 +65,8 @@ def test_quick_demo_writes_the_run_folder(quick_demo):
     assert res["load_average"]["start"] and res["load_average"]["end"]
     report = (out / "report.md").read_text()
     assert "label-free" in report and "![AP per class" in report and "Wall time" in report
-    assert "Extension beyond the paper" in report  # the demo starts the student from teacher_a
+    assert "Extension beyond the paper" in report  # the demo starts the student from teacher_b
+    assert "{'num_queries': 60} for the student" in report
 
 
 def test_second_demo_reuses_the_cached_teachers(quick_demo, tmp_path):

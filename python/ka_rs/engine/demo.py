@@ -1285,7 +1285,12 @@ def render_report(results: Mapping[str, Any], cfg: DemoConfig) -> str:
         f"AdamW lr {tc.optim.lr:g}, ×{tc.optim.lr_gamma:g} at step(s) {tc.optim.lr_drop}.",
         f"- Student: {sc.train.max_steps or 'unlimited'} steps of batch {sc.train.batch_size}, "
         f"AdamW lr {sc.optim.lr:g}, ×{sc.optim.lr_gamma:g} at step(s) {sc.optim.lr_drop} "
-        "(the lr decays before the final evaluation; AP at a constant lr moves by ±0.05).",
+        "(the lr decays before the final evaluation; AP at a constant lr moves by ±0.05)"
+        + (
+            f"; the teachers' architecture with {a.student} for the student."
+            if a.student
+            else "; the teachers' architecture."
+        ),
         f"- Losses: SA {'on' if a.sa else 'off'}, TA {'on' if a.ta else 'off'}, aggregation "
         f"{'on' if a.aggregation else 'off'}, cross-slot attention "
         f"{'on' if a.cross_slot_attention else 'off'}; pseudo-targets threshold {a.threshold}, "
