@@ -483,8 +483,11 @@ def _job_amalgamate_rank(
         LOCAL_WORLD_SIZE=str(world),
     )
     res = amalgamate(AmalgamateConfig.from_dict(cfg_dict))
-    if rank != 0:
-        return None
+    return _run_summary(res) if rank == 0 else None
+
+
+def _run_summary(res: Any) -> dict[str, Any]:
+    """What :class:`StudentRun` needs of an ``AmalgamationResult``, as picklable primitives."""
     return {
         "output_dir": str(res.output_dir),
         "checkpoint": str(res.checkpoint) if res.checkpoint else None,
@@ -536,6 +539,23 @@ class StudentRun:
     subsets: dict[str, list[str]]
     processes: int
 
+    @classmethod
+    def from_summary(
+        cls, model: nn.Module, summary: Mapping[str, Any], processes: int
+    ) -> StudentRun:
+        """Build from :func:`_run_summary`'s dict."""
+        return cls(
+            model,
+            Path(summary["output_dir"]),
+            Path(summary["checkpoint"]) if summary["checkpoint"] else None,
+            str(summary["stopped_by"]),
+            int(summary["step"]),
+            float(summary["train_minutes"]),
+            list(summary["class_names"]),
+            dict(summary["subsets"]),
+            processes,
+        )
+
 
 def train_student(
     scfg: AmalgamateConfig,
@@ -552,17 +572,7 @@ def train_student(
     if processes == 1:
         res = amalgamate(scfg, teachers=teachers, keep_model=True)
         assert res.model is not None
-        return StudentRun(
-            res.model,
-            Path(res.output_dir),
-            Path(res.checkpoint) if res.checkpoint else None,
-            res.stopped_by,
-            res.step,
-            res.train_minutes,
-            list(res.class_names),
-            {k: list(v) for k, v in res.subsets.items()},
-            1,
-        )
+        return StudentRun.from_summary(res.model, _run_summary(res), 1)
     per_rank = copy.deepcopy(scfg)
     per_rank.train.batch_size = scfg.train.batch_size // processes
     per_rank.train.progress = False
@@ -588,18 +598,7 @@ def train_student(
     summary = run_jobs(jobs, processes, threads, progress=progress, console=console)[0]
     if not summary or not summary.get("checkpoint"):
         raise RuntimeError(f"student: rank 0 wrote no checkpoint; log: {out / 'train.log'}")
-    loaded = load_student(summary["checkpoint"])
-    return StudentRun(
-        loaded.model,
-        Path(summary["output_dir"]),
-        Path(summary["checkpoint"]),
-        str(summary["stopped_by"]),
-        int(summary["step"]),
-        float(summary["train_minutes"]),
-        list(summary["class_names"]),
-        dict(summary["subsets"]),
-        processes,
-    )
+    return StudentRun.from_summary(load_student(summary["checkpoint"]).model, summary, processes)
 
 
 @dataclass
@@ -970,7 +969,7 @@ def run_demo(
         f"{processes} DDP processes x {threads} torch thread(s), "
         f"{scfg.train.batch_size // processes} images each per step"
         if processes > 1
-        else f"{torch.get_num_threads()} torch thread(s)"
+        else f"{threads} torch thread(s)"
     )
     say(f"student: amalgamating {', '.join(r.name for r in runs)} (label-free; {how}) -> student/")
     t0 = time.perf_counter()
