@@ -156,6 +156,26 @@ def test_larger_matrices(rng):
         assert_same_as_scipy(rng.integers(0, 3, size=shape).astype(float))
 
 
+def test_same_indices_as_scipy_on_ties(rng):
+    """Tie-heavy integer matrices (some with forbidden pairs, tall and wide): the same pairs
+    as scipy, not just the same total. Our solver follows scipy's scan order and tie rule;
+    ties force many Dijkstra steps, so this exercises that rule, not only the first scan."""
+    for _ in range(2000):
+        shape = (int(rng.integers(1, 13)), int(rng.integers(1, 13)))
+        cost = rng.integers(0, 4, size=shape).astype(np.float64)
+        if rng.random() < 0.25:
+            cost[rng.random(shape) < 0.2] = np.inf
+        try:
+            want = scipy.optimize.linear_sum_assignment(cost)
+        except ValueError:
+            with pytest.raises(InfeasibleAssignmentError):
+                linear_sum_assignment(cost)
+            continue
+        rows, cols = linear_sum_assignment(cost)
+        np.testing.assert_array_equal(rows, want[0])
+        np.testing.assert_array_equal(cols, want[1], err_msg=str(cost))
+
+
 @pytest.mark.parametrize("shape", [(0, 0), (0, 5), (5, 0)])
 def test_empty(shape):
     rows, cols = linear_sum_assignment(np.zeros(shape))

@@ -13,8 +13,8 @@
 //! target-major (row t holds all Q queries, which is also the orientation the solver wants
 //! when T ≤ Q), the class cost is computed once per *distinct* label (the softmax for eight
 //! queries at a time), and exp / ln use vectorisable approximations (relative error ≤ 4e-7,
-//! a few f32 ulp: below the f32 noise of the costs). The block is stored as f64 for the
-//! solver.
+//! a few f32 ulp: below the f32 noise of the costs). The block stays f32; the solver widens
+//! each entry to f64 (exactly) as it reads it.
 
 use crate::error::{KaError, KaResult};
 
@@ -229,7 +229,7 @@ pub struct CostWorkspace {
     slot_of_target: Vec<usize>,
     buf: Vec<f32>,
     /// the block, row-major T×Q (row t = target t)
-    pub cost: Vec<f64>,
+    pub cost: Vec<f32>,
 }
 
 impl CostWorkspace {
@@ -399,7 +399,7 @@ impl Target {
 
 /// Scalar kernel: `out[j] = wb·L1 + wc·cc[j] − wg·GIoU` for queries `from..`.
 #[inline(always)]
-fn block_row(p: &Preds<'_>, t: &Target, cc: &[f32], wts: [f32; 3], out: &mut [f64], from: usize) {
+fn block_row(p: &Preds<'_>, t: &Target, cc: &[f32], wts: [f32; 3], out: &mut [f32], from: usize) {
     let [wc, wb, wg] = wts;
     let [tcx, tcy, tw, th] = t.cxcywh;
     let [tx1, ty1, tx2, ty2] = t.xyxy;
@@ -416,7 +416,7 @@ fn block_row(p: &Preds<'_>, t: &Target, cc: &[f32], wts: [f32; 3], out: &mut [f6
         let iou = sel(union > 0.0, inter / union, 0.0);
         let c = (mx(p.x2[j], tx2) - mn(p.x1[j], tx1)) * (mx(p.y2[j], ty2) - mn(p.y1[j], ty1));
         let giou = sel(c > 0.0, iou - (c - union) / c, iou);
-        out[j] = (wb * l1 + wc * cc[j] - wg * giou) as f64;
+        out[j] = wb * l1 + wc * cc[j] - wg * giou;
     }
 }
 
@@ -678,21 +678,6 @@ mod avx2 {
         let s = &mut s[i..i + 8];
         // SAFETY: `s` holds exactly 8 writable f32 (checked by the slice above).
         unsafe { _mm256_storeu_ps(s.as_mut_ptr(), v) }
-    }
-
-    /// Store 8 floats widened to f64 at `s[i..i + 8]` (bounds-checked).
-    #[inline(always)]
-    fn st_f64(s: &mut [f64], i: usize, v: __m256) {
-        let s = &mut s[i..i + 8];
-        // SAFETY: `s` holds exactly 8 writable f64 (checked by the slice above); the two
-        // halves go to s[0..4] and s[4..8]. Only reached with AVX enabled.
-        unsafe {
-            _mm256_storeu_pd(s.as_mut_ptr(), _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
-            _mm256_storeu_pd(
-                s.as_mut_ptr().add(4),
-                _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)),
-            );
-        }
     }
 
     #[inline(always)]
@@ -1106,7 +1091,7 @@ mod avx2 {
 
     /// See `super::block_row`.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) fn block_row(p: &Preds<'_>, t: &Target, cc: &[f32], wts: [f32; 3], out: &mut [f64]) {
+    pub(super) fn block_row(p: &Preds<'_>, t: &Target, cc: &[f32], wts: [f32; 3], out: &mut [f32]) {
         let q = out.len();
         let q8 = q - q % 8;
         let [tcx, tcy, tw, th] = t.cxcywh.map(splat);
@@ -1153,7 +1138,7 @@ mod avx2 {
                 _mm256_add_ps(_mm256_mul_ps(wb, l1), _mm256_mul_ps(wc, ld(cc, j))),
                 _mm256_mul_ps(wg, giou),
             );
-            st_f64(out, j, cost);
+            st(out, j, cost);
             j += 8;
         }
         super::block_row(p, t, cc, wts, out, q8);
@@ -1308,7 +1293,8 @@ mod tests {
                 build_block(&mut ws, &logits, k, &boxes, &labels, &tboxes, &params, id).unwrap();
                 let want = reference(&logits, k, &boxes, &labels, &tboxes, &params);
                 assert_eq!(ws.cost.len(), want.len());
-                for (a, b) in ws.cost.iter().zip(&want) {
+                for (&a, b) in ws.cost.iter().zip(&want) {
+                    let a = f64::from(a);
                     assert!(
                         (a - b).abs() < 2e-5 * (1.0 + b.abs()),
                         "{a} vs {b} ({q},{k},{t}) {params:?}"
@@ -1548,7 +1534,8 @@ mod tests {
                 )
                 .unwrap();
                 let want = reference(&logits, k, &boxes, &labels, &tboxes, &params);
-                for (a, b) in ws.cost.iter().zip(&want) {
+                for (&a, b) in ws.cost.iter().zip(&want) {
+                    let a = f64::from(a);
                     assert!(
                         (a - b).abs() < 2e-5 * (1.0 + b.abs()),
                         "{a} vs {b} (q {q}, k {k}, simd {simd})"

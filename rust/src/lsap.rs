@@ -30,10 +30,31 @@ fn infeasible(row: usize, nr: usize, nc: usize) -> KaError {
     ))
 }
 
+/// A cost matrix entry: f64, or f32 (the matcher's blocks, computed in f32 like PyTorch's
+/// matchers; widening to f64 is exact, so the solver's f64 arithmetic sees the same values).
+pub trait CostEntry: Copy + Send + Sync {
+    /// The entry as f64 (exact).
+    fn to_f64(self) -> f64;
+}
+
+impl CostEntry for f64 {
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        self
+    }
+}
+
+impl CostEntry for f32 {
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        f64::from(self)
+    }
+}
+
 /// `out[j] = row[j] - ui - v[j]` for all j; returns the minimum (`+inf` when empty).
 /// Uses the AVX2 build of the same loop when the CPU has it.
 #[inline]
-fn reduced_costs_min(row: &[f64], ui: f64, v: &[f64], out: &mut [f64]) -> f64 {
+fn reduced_costs_min<C: CostEntry>(row: &[C], ui: f64, v: &[f64], out: &mut [f64]) -> f64 {
     #[cfg(target_arch = "x86_64")]
     if crate::cost::use_avx2() {
         // SAFETY: the CPU supports AVX2 (checked just above).
@@ -44,7 +65,7 @@ fn reduced_costs_min(row: &[f64], ui: f64, v: &[f64], out: &mut [f64]) -> f64 {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn reduced_costs_min_avx2(row: &[f64], ui: f64, v: &[f64], out: &mut [f64]) -> f64 {
+fn reduced_costs_min_avx2<C: CostEntry>(row: &[C], ui: f64, v: &[f64], out: &mut [f64]) -> f64 {
     reduced_costs_min_impl(row, ui, v, out)
 }
 
@@ -52,7 +73,7 @@ fn reduced_costs_min_avx2(row: &[f64], ui: f64, v: &[f64], out: &mut [f64]) -> f
 /// (`if a < b { a } else { b }` is exactly `minpd`). Exact: the minimum does not depend on
 /// the order of comparisons.
 #[inline(always)]
-fn reduced_costs_min_impl(row: &[f64], ui: f64, v: &[f64], out: &mut [f64]) -> f64 {
+fn reduced_costs_min_impl<C: CostEntry>(row: &[C], ui: f64, v: &[f64], out: &mut [f64]) -> f64 {
     const L: usize = 8;
     let n = out.len().min(row.len()).min(v.len());
     let (row, v, out) = (&row[..n], &v[..n], &mut out[..n]);
@@ -64,18 +85,281 @@ fn reduced_costs_min_impl(row: &[f64], ui: f64, v: &[f64], out: &mut [f64]) -> f
         .zip(v[..split].chunks_exact(L))
     {
         for k in 0..L {
-            let r = c[k] - ui - vv[k];
+            let r = c[k].to_f64() - ui - vv[k];
             o[k] = r;
             m[k] = if r < m[k] { r } else { m[k] };
         }
     }
     for j in split..n {
-        let r = row[j] - ui - v[j];
+        let r = row[j].to_f64() - ui - v[j];
         out[j] = r;
         m[0] = if r < m[0] { r } else { m[0] };
     }
     m.iter()
         .fold(f64::INFINITY, |a, &b| if b < a { b } else { a })
+}
+
+/// The first-scan column of [`LsapWorkspace::solve_wide`]: among the columns whose `shortest`
+/// equals `lowest` (there is at least one), the first free one in increasing order, else
+/// the last one.
+fn pick_at_minimum(shortest: &[f64], row4col: &[usize], lowest: f64) -> usize {
+    let mut last = NONE;
+    for_each_at(shortest, lowest, |j| {
+        last = j;
+        row4col[j] == NONE
+    });
+    last
+}
+
+/// Remove the column at position `it` of `remaining` the way scipy does (`swap_remove`:
+/// the last column moves into the hole) and keep `pos` in step. Returns the column.
+#[inline]
+fn take(remaining: &mut Vec<usize>, pos: &mut [usize], it: usize) -> usize {
+    let j = remaining.swap_remove(it);
+    pos[j] = NONE;
+    if let Some(&moved) = remaining.get(it) {
+        pos[moved] = it;
+    }
+    j
+}
+
+/// One Dijkstra step from row `i`: for every unscanned column j (`pos[j] != NONE`),
+/// `shortest[j] = min(shortest[j], min_val + row[j] - ui - v[j])` (same operation order as
+/// scipy, so the same rounding), with `path[j] = i` where it improved. Returns the smallest
+/// `shortest` over the unscanned columns (`+inf` if none).
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn relax<C: CostEntry>(
+    row: &[C],
+    min_val: f64,
+    ui: f64,
+    v: &[f64],
+    pos: &[usize],
+    shortest: &mut [f64],
+    path: &mut [usize],
+    i: usize,
+) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    if crate::cost::use_avx2() {
+        // SAFETY: the CPU supports AVX2 (checked just above).
+        return unsafe { relax_avx2(row, min_val, ui, v, pos, shortest, path, i) };
+    }
+    relax_impl(row, min_val, ui, v, pos, shortest, path, i)
+}
+
+#[allow(clippy::too_many_arguments)]
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn relax_avx2<C: CostEntry>(
+    row: &[C],
+    min_val: f64,
+    ui: f64,
+    v: &[f64],
+    pos: &[usize],
+    shortest: &mut [f64],
+    path: &mut [usize],
+    i: usize,
+) -> f64 {
+    use std::arch::x86_64::*;
+    const L: usize = 4;
+    let n = shortest.len();
+    let (row, v, pos, path) = (&row[..n], &v[..n], &pos[..n], &mut path[..n]);
+    let split = n - n % L;
+    let (vmin, vui) = (_mm256_set1_pd(min_val), _mm256_set1_pd(ui));
+    let vi = _mm256_set1_epi64x(i as i64);
+    let none = _mm256_set1_epi64x(-1); // NONE = usize::MAX
+    let inf = _mm256_set1_pd(f64::INFINITY);
+    let mut m = inf;
+    let mut j = 0;
+    while j < split {
+        let c: [f64; L] = std::array::from_fn(|k| row[j + k].to_f64());
+        let (c, vv, po, sh, pa) = (
+            &c,
+            &v[j..j + L],
+            &pos[j..j + L],
+            &shortest[j..j + L],
+            &path[j..j + L],
+        );
+        // SAFETY: every pointer comes from a slice of exactly L = 4 elements of 8 bytes
+        // (f64, or usize which is 64-bit on x86_64); unaligned loads / stores are allowed.
+        unsafe {
+            let r = _mm256_sub_pd(
+                _mm256_sub_pd(_mm256_add_pd(vmin, _mm256_loadu_pd(c.as_ptr())), vui),
+                _mm256_loadu_pd(vv.as_ptr()),
+            );
+            let s = _mm256_loadu_pd(sh.as_ptr());
+            let dead = _mm256_castsi256_pd(_mm256_cmpeq_epi64(
+                _mm256_loadu_si256(po.as_ptr().cast()),
+                none,
+            ));
+            let improve = _mm256_andnot_pd(dead, _mm256_cmp_pd(r, s, _CMP_LT_OQ));
+            let s = _mm256_blendv_pd(s, r, improve);
+            _mm256_storeu_pd(shortest[j..j + L].as_mut_ptr(), s);
+            let p = _mm256_blendv_pd(
+                _mm256_loadu_pd(pa.as_ptr().cast()),
+                _mm256_castsi256_pd(vi),
+                improve,
+            );
+            _mm256_storeu_pd(path[j..j + L].as_mut_ptr().cast(), p);
+            m = _mm256_min_pd(m, _mm256_blendv_pd(s, inf, dead));
+        }
+        j += L;
+    }
+    let mut lanes = [0.0f64; L];
+    // SAFETY: `lanes` holds exactly L = 4 f64.
+    unsafe { _mm256_storeu_pd(lanes.as_mut_ptr(), m) };
+    let head = lanes
+        .iter()
+        .fold(f64::INFINITY, |a, &b| if b < a { b } else { a });
+    let tail = relax_impl(
+        &row[split..],
+        min_val,
+        ui,
+        &v[split..],
+        &pos[split..],
+        &mut shortest[split..],
+        &mut path[split..],
+        i,
+    );
+    if tail < head {
+        tail
+    } else {
+        head
+    }
+}
+
+/// Branch-free body of [`relax`], eight columns per iteration so that it vectorises.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn relax_impl<C: CostEntry>(
+    row: &[C],
+    min_val: f64,
+    ui: f64,
+    v: &[f64],
+    pos: &[usize],
+    shortest: &mut [f64],
+    path: &mut [usize],
+    i: usize,
+) -> f64 {
+    const L: usize = 8;
+    let n = shortest.len();
+    let (row, v, pos, path) = (&row[..n], &v[..n], &pos[..n], &mut path[..n]);
+    let mut m = [f64::INFINITY; L];
+    let step = |r: f64, live: bool, s: &mut f64, p: &mut usize| -> f64 {
+        let improve = live & (r < *s);
+        *s = if improve { r } else { *s };
+        *p = if improve { i } else { *p };
+        if live {
+            *s
+        } else {
+            f64::INFINITY
+        }
+    };
+    let split = n - n % L;
+    for ((((sh, pa), c), vv), po) in shortest[..split]
+        .chunks_exact_mut(L)
+        .zip(path[..split].chunks_exact_mut(L))
+        .zip(row[..split].chunks_exact(L))
+        .zip(v[..split].chunks_exact(L))
+        .zip(pos[..split].chunks_exact(L))
+    {
+        for k in 0..L {
+            let r = min_val + c[k].to_f64() - ui - vv[k];
+            let key = step(r, po[k] != NONE, &mut sh[k], &mut pa[k]);
+            m[k] = if key < m[k] { key } else { m[k] };
+        }
+    }
+    for j in split..n {
+        let r = min_val + row[j].to_f64() - ui - v[j];
+        let key = step(r, pos[j] != NONE, &mut shortest[j], &mut path[j]);
+        m[0] = if key < m[0] { key } else { m[0] };
+    }
+    m.iter()
+        .fold(f64::INFINITY, |a, &b| if b < a { b } else { a })
+}
+
+/// scipy's choice among the unscanned columns at the minimum `lowest` of a Dijkstra step:
+/// scanning `remaining` in order it keeps the first column at the minimum unless a later one
+/// at the minimum is free, in which case the last such free one wins. In terms of `pos`:
+/// the free column with the largest position if any, else the column with the smallest.
+fn pick_in_scan_order(shortest: &[f64], pos: &[usize], row4col: &[usize], lowest: f64) -> usize {
+    let (mut free, mut first) = (NONE, NONE);
+    for_each_at(shortest, lowest, |j| {
+        let p = pos[j];
+        if p == NONE {
+            return false; // scanned: its `shortest` is no longer a candidate
+        }
+        if row4col[j] == NONE && (free == NONE || p > pos[free]) {
+            free = j;
+        }
+        if first == NONE || p < pos[first] {
+            first = j;
+        }
+        false
+    });
+    if free != NONE {
+        free
+    } else {
+        first
+    }
+}
+
+/// Call `f(j)` for each j (increasing) with `xs[j] == x` until `f` returns true. Compares
+/// eight entries at a time into a bit mask, so the usual one or two matches cost a few
+/// vector compares instead of a scalar loop.
+#[inline]
+fn for_each_at(xs: &[f64], x: f64, f: impl FnMut(usize) -> bool) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::cost::use_avx2() {
+        // SAFETY: the CPU supports AVX2 (checked just above).
+        return unsafe { for_each_at_avx2(xs, x, f) };
+    }
+    for_each_at_with(xs, x, f, |c, x| {
+        c.iter()
+            .enumerate()
+            .fold(0u32, |bits, (k, &s)| bits | (u32::from(s == x) << k))
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn for_each_at_avx2(xs: &[f64], x: f64, f: impl FnMut(usize) -> bool) {
+    use std::arch::x86_64::*;
+    let vx = _mm256_set1_pd(x);
+    for_each_at_with(xs, x, f, |c, x| {
+        if c.len() == 8 {
+            // SAFETY: `c` holds 8 f64: two unaligned 4-lane loads. AVX is enabled here.
+            unsafe {
+                let lo = _mm256_cmp_pd(_mm256_loadu_pd(c.as_ptr()), vx, _CMP_EQ_OQ);
+                let hi = _mm256_cmp_pd(_mm256_loadu_pd(c.as_ptr().add(4)), vx, _CMP_EQ_OQ);
+                (_mm256_movemask_pd(lo) | (_mm256_movemask_pd(hi) << 4)) as u32
+            }
+        } else {
+            c.iter()
+                .enumerate()
+                .fold(0u32, |bits, (k, &s)| bits | (u32::from(s == x) << k))
+        }
+    })
+}
+
+/// [`for_each_at`] over chunks of 8, with `mask(chunk, x)` giving bit k set when
+/// `chunk[k] == x`.
+#[inline(always)]
+fn for_each_at_with(
+    xs: &[f64],
+    x: f64,
+    mut f: impl FnMut(usize) -> bool,
+    mask: impl Fn(&[f64], f64) -> u32,
+) {
+    for (ci, c) in xs.chunks(8).enumerate() {
+        let mut bits = mask(c, x);
+        while bits != 0 {
+            if f(ci * 8 + bits.trailing_zeros() as usize) {
+                return;
+            }
+            bits &= bits - 1;
+        }
+    }
 }
 
 /// Reusable buffers for the solver. Create once per thread, reuse for many problems.
@@ -88,6 +372,8 @@ pub struct LsapWorkspace {
     col4row: Vec<usize>,
     row4col: Vec<usize>,
     remaining: Vec<usize>,
+    /// position of each column in `remaining` (NONE when scanned)
+    pos: Vec<usize>,
     /// rows / columns visited by the current augmentation (Crouse's SR / SC as lists)
     sr: Vec<usize>,
     sc: Vec<usize>,
@@ -104,7 +390,12 @@ impl LsapWorkspace {
     /// Solve a row-major `nr × nc` problem with `nr ≤ nc` whose entries are all finite or
     /// `+inf` (not checked here: see [`validate`]). On success returns `col4row`: the column
     /// assigned to each row.
-    pub fn solve_wide(&mut self, cost: &[f64], nr: usize, nc: usize) -> KaResult<&[usize]> {
+    pub fn solve_wide<C: CostEntry>(
+        &mut self,
+        cost: &[C],
+        nr: usize,
+        nc: usize,
+    ) -> KaResult<&[usize]> {
         debug_assert!(nr <= nc && cost.len() == nr * nc);
         self.reset(nr, nc);
         let Self {
@@ -115,15 +406,17 @@ impl LsapWorkspace {
             col4row,
             row4col,
             remaining,
+            pos,
             sr,
             sc,
             ..
         } = self;
-        let (v, shortest, path, row4col) = (
+        let (v, shortest, path, row4col, pos) = (
             &mut v[..nc],
             &mut shortest[..nc],
             &mut path[..nc],
             &mut row4col[..nc],
+            &mut pos[..nc],
         );
         for cur_row in 0..nr {
             sr.clear();
@@ -144,56 +437,35 @@ impl LsapWorkspace {
             // pass 2: scipy's tie rule over its scan order (columns nc-1 down to 0): the last
             // free column at the minimum in that order, else the first column at the minimum.
             // Scanning upwards, that is the first free one, else the last one.
-            let mut first = NONE;
-            for (j, (&s, &owner)) in shortest.iter().zip(row4col.iter()).enumerate() {
-                if s == lowest {
-                    first = j;
-                    if owner == NONE {
-                        break;
-                    }
-                }
-            }
+            let first = pick_at_minimum(shortest, row4col, lowest);
             let index = nc - 1 - first; // position of `first` in the scan order
             let mut min_val = lowest;
             sc.push(first);
             let sink = if row4col[first] == NONE {
                 first
             } else {
-                // ---- continue Dijkstra over the remaining columns (scipy's order) ----
+                // ---- continue Dijkstra over the remaining columns ----
+                // `remaining` keeps scipy's scan order (its tie rule depends on it) and
+                // `pos[j]` is column j's place in it (NONE once scanned): each step relaxes
+                // all columns densely (vectorised, no data-dependent branches) and consults
+                // the order only to break ties at the minimum.
                 remaining.clear();
                 remaining.extend((0..nc).rev());
-                remaining.swap_remove(index);
+                for (j, p) in pos.iter_mut().enumerate() {
+                    *p = nc - 1 - j;
+                }
+                take(remaining, pos, index);
                 let mut i = row4col[first];
                 loop {
                     sr.push(i);
                     let row = &cost[i * nc..(i + 1) * nc];
-                    let ui = u[i];
-                    let mut index = NONE;
-                    let mut lowest = f64::INFINITY;
-                    for (it, &j) in remaining.iter().enumerate() {
-                        // SAFETY: `remaining` holds only column indices 0..nc (filled from
-                        // 0..nc above, then only removed from), and `row`, `v`, `shortest`,
-                        // `path`, `row4col` all have length nc.
-                        unsafe {
-                            let r = min_val + *row.get_unchecked(j) - ui - *v.get_unchecked(j);
-                            let sj = shortest.get_unchecked_mut(j);
-                            if r < *sj {
-                                *path.get_unchecked_mut(j) = i;
-                                *sj = r;
-                            }
-                            let s = *sj;
-                            // Among equal minima prefer a free column: it ends the search.
-                            if s < lowest || (s == lowest && *row4col.get_unchecked(j) == NONE) {
-                                lowest = s;
-                                index = it;
-                            }
-                        }
-                    }
-                    min_val = lowest;
-                    if index == NONE || min_val == f64::INFINITY {
+                    let lowest = relax(row, min_val, u[i], v, pos, shortest, path, i);
+                    if lowest == f64::INFINITY {
                         return Err(infeasible(cur_row, nr, nc));
                     }
-                    let j = remaining.swap_remove(index);
+                    min_val = lowest;
+                    let j = pick_in_scan_order(shortest, pos, row4col, lowest);
+                    take(remaining, pos, pos[j]);
                     sc.push(j);
                     if row4col[j] == NONE {
                         break j;
@@ -234,6 +506,7 @@ impl LsapWorkspace {
         set(&mut self.path, nc, NONE);
         set(&mut self.col4row, nr, NONE);
         set(&mut self.row4col, nc, NONE);
+        set(&mut self.pos, nc, NONE);
         self.remaining.clear();
         self.remaining.reserve(nc);
         self.sr.clear();

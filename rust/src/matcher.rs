@@ -34,7 +34,7 @@ pub struct MatchOutput {
 struct ProblemWorkspace {
     cost: CostWorkspace,
     lsap: LsapWorkspace,
-    transposed: Vec<f64>,
+    transposed: Vec<f32>,
     pairs: Vec<(usize, usize)>,
 }
 
@@ -111,18 +111,18 @@ fn solve_problem(
 }
 
 /// True when every entry is finite. `x * 0` is NaN exactly for non-finite `x`; eight
-/// independent lanes let the loop vectorise (a single f64 running sum is a serial chain
+/// independent lanes let the loop vectorise (a single running sum is a serial chain
 /// of adds, since the compiler may not reassociate it).
-fn all_finite(xs: &[f64]) -> bool {
-    let mut acc = [0.0f64; 8];
+fn all_finite(xs: &[f32]) -> bool {
+    let mut acc = [0.0f32; 8];
     let mut chunks = xs.chunks_exact(8);
     for c in &mut chunks {
         for (a, &x) in acc.iter_mut().zip(c) {
             *a += x * 0.0;
         }
     }
-    let tail: f64 = chunks.remainder().iter().map(|&x| x * 0.0).sum();
-    acc.iter().sum::<f64>() + tail == 0.0
+    let tail: f32 = chunks.remainder().iter().map(|&x| x * 0.0).sum();
+    acc.iter().sum::<f32>() + tail == 0.0
 }
 
 /// Match `L` prediction sets × `B` images in one call.
@@ -468,7 +468,9 @@ mod tests {
                             },
                         )
                         .unwrap();
-                        let c_tq = Array2::from_shape_vec((t, q), ws.cost.clone()).unwrap();
+                        let c_tq = Array2::from_shape_vec((t, q), ws.cost.clone())
+                            .unwrap()
+                            .mapv(f64::from);
                         let c_qt = c_tq.t().to_owned();
                         let (rows, cols) = linear_sum_assignment(c_qt.view(), false).unwrap();
                         let want: f64 = rows.iter().zip(&cols).map(|(&a, &c)| c_qt[[a, c]]).sum();
