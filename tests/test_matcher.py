@@ -361,8 +361,10 @@ def test_bad_shapes_and_targets(make_detr_batch):
         m(outputs, [{"labels": torch.tensor([-1, 0]), "boxes": torch.rand(2, 4)}, targets[1]])
     bad_boxes = [targets[0], {"labels": targets[1]["labels"], "boxes": targets[1]["boxes"].clone()}]
     bad_boxes[1]["boxes"][0, 0] = float("nan")
-    with pytest.raises(ValueError, match="boxes"):
+    with pytest.raises(ValueError, match=r"^targets\[1\]\['boxes'\]: box 0 has a non-finite"):
         m(outputs, bad_boxes)
+    with pytest.raises(ValueError, match=r"^targets\[1\]\['labels'\]: label 7 is out of range"):
+        m(outputs, [targets[0], {"labels": torch.tensor([0, 1, 7]), "boxes": torch.rand(3, 4)}])
     with pytest.raises(ValueError, match="outputs_list"):
         m.match_layers(outputs, targets)
 

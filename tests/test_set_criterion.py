@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -152,14 +153,20 @@ def test_all_layers_are_matched_in_one_native_call(monkeypatch, make_detr_batch)
     ]
     calls = []
     real = matcher_module._native.match_layers
+    layer_logits = [outputs["pred_logits"]] + [a["pred_logits"] for a in outputs["aux_outputs"]]
 
     def counting(*args):
-        calls.append(args[0].shape)
+        calls.append([a.shape for a in args[0]])
+        # each layer's logits reach Rust as a view of the layer's own tensor: no stacking copy
+        assert all(
+            np.shares_memory(a, t.detach().numpy())
+            for a, t in zip(args[0], layer_logits, strict=True)
+        )
         return real(*args)
 
     monkeypatch.setattr(matcher_module._native, "match_layers", counting)
     losses = SetCriterion(3)(outputs, targets)
-    assert calls == [(5, 2, 6, 4)]
+    assert calls == [[(2, 6, 4)] * 5]
     assert {f"loss_ce_{i}" for i in range(4)} <= set(losses)
 
 

@@ -40,8 +40,8 @@ def linear_sum_assignment(
     """Rectangular LSAP with scipy's contract: ``(rows, cols)``, rows sorted, ``+inf`` forbidden."""
 
 def match_layers(
-    pred_logits: npt.NDArray[np.float32],
-    pred_boxes: npt.NDArray[np.float32],
+    pred_logits: list[npt.NDArray[np.float32]],
+    pred_boxes: list[npt.NDArray[np.float32]],
     target_labels: npt.NDArray[np.int64],
     target_boxes: npt.NDArray[np.float32],
     target_sizes: npt.NDArray[np.int64],
@@ -51,13 +51,15 @@ def match_layers(
     class_cost: str,
     focal_alpha: float,
     focal_gamma: float,
-) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+) -> tuple[npt.NDArray[np.int64], list[int]]:
     """Hungarian-match L prediction sets of B images in one call.
 
-    ``pred_logits`` (L, B, Q, K), ``pred_boxes`` (L, B, Q, 4) cxcywh, ``target_labels`` (ΣT,),
-    ``target_boxes`` (ΣT, 4) cxcywh, ``target_sizes`` (B,). Returns ``(pred_idx (M,),
-    target_idx (M,), counts (L, B))``: blocks l-major then b, pairs sorted by ``pred_idx``
-    within a block, ``target_idx`` local to its image.
+    ``pred_logits`` / ``pred_boxes``: L arrays (B, Q, K) / (B, Q, 4) cxcywh, all of one shape
+    (separate arrays: no stacking copy); ``target_labels`` (ΣT,), ``target_boxes`` (ΣT, 4)
+    cxcywh, ``target_sizes`` (B,). Returns ``(indices (2M,), counts)``: ``counts`` lists the
+    pairs of each block (L·B, l-major then b); ``indices`` holds every block's query indices
+    (sorted within a block), then every block's target indices (local to the image).
+    Errors about targets read ``target_labels: image i: ...`` / ``target_boxes: image i: ...``.
     """
 
 def build_pseudo_targets(

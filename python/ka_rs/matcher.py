@@ -19,6 +19,7 @@ every decoder layer in one call with the GIL released.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -114,25 +115,32 @@ def _on_host(items: list[_Array]) -> list[np.ndarray]:
     return out
 
 
-def _stack(items: list[_Array], dtype: type) -> np.ndarray:
-    """(n, *shape) C-contiguous array of ``dtype``; a view (no copy) for one suitable array."""
-    if len(items) == 1 and isinstance(items[0], np.ndarray):
-        a = items[0]
-        if a.dtype == dtype and a.flags.c_contiguous:
-            return a[None]
-    items = _on_host(items)
-    out = np.empty((len(items), *items[0].shape), dtype=dtype)
-    for i, a in enumerate(items):
-        out[i] = a  # one pass: copy and cast
-    return out
-
-
 def _concat(items: list[_Array], dtype: type) -> np.ndarray:
     """Concatenate along axis 0 into a C-contiguous array of ``dtype``."""
     host = _on_host(items)
     if len(host) == 1 and host[0].dtype == dtype and host[0].flags.c_contiguous:
         return host[0]
     return np.concatenate(host, axis=0, dtype=dtype, casting="unsafe")
+
+
+def _float32_layers(items: list[_Array]) -> list[np.ndarray]:
+    """Each prediction set as a float32 host array, zero-copy for float32 CPU tensors and
+    arrays (the Rust side copies non-contiguous ones itself); device tensors come over in one
+    transfer per device."""
+    return [x if x.dtype == np.float32 else x.astype(np.float32) for x in _on_host(items)]
+
+
+_TARGET_ERROR = re.compile(r"target_(labels|boxes): image (\d+): (.*)", re.DOTALL)
+
+
+def _name_target(err: ValueError) -> ValueError:
+    """The native error about a concatenated target array, renamed after the user's argument:
+    ``targets[i]['labels']`` / ``targets[i]['boxes']``."""
+    found = _TARGET_ERROR.fullmatch(str(err))
+    if found is None:
+        return err
+    key, image, problem = found.groups()
+    return ValueError(f"targets[{image}][{key!r}]: {problem}")
 
 
 class HungarianMatcher:
@@ -313,22 +321,6 @@ class HungarianMatcher:
             return [[] for _ in range(num_layers)]
         tgt_labels, tgt_boxes, sizes = self._targets(targets)
 
-        if tgt_labels.size:
-            k = min(lg.shape[-1] for lg in logits)
-            # softmax heads: the last of the K logits is "no object", not a target class
-            num_classes = k - 1 if self.class_cost == "softmax" else k
-            lo, hi = int(tgt_labels.min()), int(tgt_labels.max())
-            if lo < 0 or hi >= num_classes:
-                head = (
-                    f"{k} logits = {num_classes} classes + no-object"
-                    if self.class_cost == "softmax"
-                    else f"{k} logits = {k} classes"
-                )
-                raise ValueError(
-                    f"targets: label {lo if lo < 0 else hi} is out of range [0, {num_classes})"
-                    f" for pred_logits with {head}"
-                )
-
         # group layers by (Q, K) so that the usual case (all decoder layers alike) is ONE call
         groups: dict[tuple[int, int], list[int]] = {}
         for i, lg in enumerate(logits):
@@ -336,27 +328,30 @@ class HungarianMatcher:
 
         result: list[list[MatchIndices]] = [[] for _ in range(num_layers)]
         for layer_ids in groups.values():
-            lg_np = _stack([logits[i] for i in layer_ids], np.float32)
-            bx_np = _stack([boxes[i] for i in layer_ids], np.float32)
-            pred_idx, tgt_idx, counts = _native.match_layers(
-                lg_np,
-                bx_np,
-                tgt_labels,
-                tgt_boxes,
-                sizes,
-                self.cost_class,
-                self.cost_bbox,
-                self.cost_giou,
-                self.class_cost,
-                self.focal_alpha,
-                self.focal_gamma,
-            )
-            split = counts.reshape(-1).tolist()
-            preds = torch.from_numpy(pred_idx).split(split)
-            tgts = torch.from_numpy(tgt_idx).split(split)
+            try:
+                indices, counts = _native.match_layers(
+                    _float32_layers([logits[i] for i in layer_ids]),
+                    _float32_layers([boxes[i] for i in layer_ids]),
+                    tgt_labels,
+                    tgt_boxes,
+                    sizes,
+                    self.cost_class,
+                    self.cost_bbox,
+                    self.cost_giou,
+                    self.class_cost,
+                    self.focal_alpha,
+                    self.focal_gamma,
+                )
+            except ValueError as err:
+                raise _name_target(err) from None
+            # query indices of every block, then target indices of every block: one split
+            parts = torch.from_numpy(indices).split(counts + counts)
+            blocks = len(counts)
             for j, layer in enumerate(layer_ids):
                 lo, hi = j * batch, (j + 1) * batch
-                result[layer] = list(zip(preds[lo:hi], tgts[lo:hi], strict=True))
+                result[layer] = list(
+                    zip(parts[lo:hi], parts[blocks + lo : blocks + hi], strict=True)
+                )
         return result
 
     @staticmethod

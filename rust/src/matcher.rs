@@ -14,7 +14,7 @@ use crate::cost::{self, BlockId, CostParams, CostWorkspace};
 use crate::error::{KaError, KaResult};
 use crate::lsap::LsapWorkspace;
 use crate::pool;
-use ndarray::{ArrayView1, ArrayView2, ArrayView4};
+use ndarray::{ArrayView1, ArrayView2, ArrayView3, ArrayView4};
 use std::cell::RefCell;
 
 /// Flat result of [`match_layers`].
@@ -125,6 +125,13 @@ fn all_finite(xs: &[f32]) -> bool {
     acc.iter().sum::<f32>() + tail == 0.0
 }
 
+/// The image that target `i` (an index into the concatenated targets) belongs to, given the
+/// per-image start offsets (B + 1 of them, the last = ΣT). Error paths only.
+fn image_of(offsets: &[usize], i: usize) -> usize {
+    // images with no targets share their offset with the next one: take the last such
+    offsets.partition_point(|&o| o <= i).saturating_sub(1)
+}
+
 /// Match `L` prediction sets × `B` images in one call.
 ///
 /// - `pred_logits` (L, B, Q, K) f32 — K = C + 1 for the softmax class cost (last = no-object),
@@ -142,6 +149,41 @@ pub fn match_layers(
     target_sizes: ArrayView1<i64>,
     params: &CostParams,
 ) -> KaResult<MatchOutput> {
+    let (nl, nb, nq, _) = pred_logits.dim();
+    let bd = pred_boxes.dim();
+    if bd != (nl, nb, nq, 4) {
+        return Err(KaError::invalid(
+            "pred_boxes",
+            format!(
+                "expected shape (L, B, Q, 4) = ({nl}, {nb}, {nq}, 4) to match pred_logits, \
+                 got ({}, {}, {}, {})",
+                bd.0, bd.1, bd.2, bd.3
+            ),
+        ));
+    }
+    let logits: Vec<_> = pred_logits.outer_iter().collect();
+    let boxes: Vec<_> = pred_boxes.outer_iter().collect();
+    match_layer_list(
+        &logits,
+        &boxes,
+        target_labels,
+        target_boxes,
+        target_sizes,
+        params,
+    )
+}
+
+/// [`match_layers`] with the prediction sets as separate arrays (each (B, Q, K) and
+/// (B, Q, 4), all of one shape), so that decoder layers held in separate tensors are matched
+/// in one call without first being copied into one (L, B, Q, K) array.
+pub fn match_layer_list(
+    pred_logits: &[ArrayView3<f32>],
+    pred_boxes: &[ArrayView3<f32>],
+    target_labels: ArrayView1<i64>,
+    target_boxes: ArrayView2<f32>,
+    target_sizes: ArrayView1<i64>,
+    params: &CostParams,
+) -> KaResult<MatchOutput> {
     match_layers_impl(
         pred_logits,
         pred_boxes,
@@ -153,27 +195,58 @@ pub fn match_layers(
     )
 }
 
-/// [`match_layers`] with the "is a core spare?" check injectable (tests force parallelism).
+/// [`match_layer_list`] with the "is a core spare?" check injectable (tests force parallelism).
 fn match_layers_impl(
-    pred_logits: ArrayView4<f32>,
-    pred_boxes: ArrayView4<f32>,
+    pred_logits: &[ArrayView3<f32>],
+    pred_boxes: &[ArrayView3<f32>],
     target_labels: ArrayView1<i64>,
     target_boxes: ArrayView2<f32>,
     target_sizes: ArrayView1<i64>,
     params: &CostParams,
     spare_core: fn() -> bool,
 ) -> KaResult<MatchOutput> {
-    let (nl, nb, nq, k) = pred_logits.dim();
-    let bd = pred_boxes.dim();
-    if bd != (nl, nb, nq, 4) {
+    let nl = pred_logits.len();
+    if pred_boxes.len() != nl {
         return Err(KaError::invalid(
             "pred_boxes",
             format!(
-                "expected shape (L, B, Q, 4) = ({nl}, {nb}, {nq}, 4) to match pred_logits, \
-                 got ({}, {}, {}, {})",
-                bd.0, bd.1, bd.2, bd.3
+                "got {} prediction sets but pred_logits has {nl}",
+                pred_boxes.len()
             ),
         ));
+    }
+    let Some(first) = pred_logits.first() else {
+        return Ok(MatchOutput {
+            pred_idx: Vec::new(),
+            target_idx: Vec::new(),
+            counts: Vec::new(),
+            layers: 0,
+            images: target_sizes.len(),
+        });
+    };
+    let (nb, nq, k) = first.dim();
+    for (l, (lg, bx)) in pred_logits.iter().zip(pred_boxes).enumerate() {
+        if lg.dim() != (nb, nq, k) {
+            let d = lg.dim();
+            return Err(KaError::invalid(
+                "pred_logits",
+                format!(
+                    "prediction set {l} has shape ({}, {}, {}), set 0 has ({nb}, {nq}, {k})",
+                    d.0, d.1, d.2
+                ),
+            ));
+        }
+        let d = bx.dim();
+        if d != (nb, nq, 4) {
+            return Err(KaError::invalid(
+                "pred_boxes",
+                format!(
+                    "expected shape (B, Q, 4) = ({nb}, {nq}, 4) to match pred_logits, \
+                     got ({}, {}, {}) in prediction set {l}",
+                    d.0, d.1, d.2
+                ),
+            ));
+        }
     }
     if target_sizes.len() != nb {
         return Err(KaError::invalid(
@@ -231,7 +304,10 @@ fn match_layers_impl(
             };
             return Err(KaError::invalid(
                 "target_labels",
-                format!("label {lab} of target {i} is out of range; {why}"),
+                format!(
+                    "image {}: label {lab} is out of range; {why}",
+                    image_of(&offsets, i)
+                ),
             ));
         }
         labels.push(lab as usize);
@@ -244,23 +320,36 @@ fn match_layers_impl(
         if !b.iter().all(|x| x.is_finite()) {
             return Err(KaError::invalid(
                 "target_boxes",
-                format!("target {i} has a non-finite coordinate"),
+                format!(
+                    "image {}: box {} has a non-finite coordinate",
+                    image_of(&offsets, i),
+                    i - offsets[image_of(&offsets, i)]
+                ),
             ));
         }
         if b[2] < 0.0 || b[3] < 0.0 {
             return Err(KaError::invalid(
                 "target_boxes",
-                format!("target {i} has a negative width or height (boxes must be cxcywh)"),
+                format!(
+                    "image {}: box {} has a negative width or height (boxes must be cxcywh)",
+                    image_of(&offsets, i),
+                    i - offsets[image_of(&offsets, i)]
+                ),
             ));
         }
     }
-    let logits = pred_logits.as_standard_layout();
-    let logits = logits
-        .as_slice()
+    // contiguous views (copies only of non-contiguous inputs)
+    let logits: Vec<_> = pred_logits.iter().map(|a| a.as_standard_layout()).collect();
+    let boxes: Vec<_> = pred_boxes.iter().map(|a| a.as_standard_layout()).collect();
+    let logits: Vec<&[f32]> = logits
+        .iter()
+        .map(|a| a.as_slice())
+        .collect::<Option<_>>()
         .ok_or_else(|| KaError::invalid("pred_logits", "could not be made contiguous"))?;
-    let boxes = pred_boxes.as_standard_layout();
-    let boxes = boxes
-        .as_slice()
+    let boxes: Vec<&[f32]> = boxes
+        .iter()
+        .map(|a| a.as_slice())
+        .collect::<Option<_>>()
         .ok_or_else(|| KaError::invalid("pred_boxes", "could not be made contiguous"))?;
 
     let nprob = nl * nb;
@@ -277,9 +366,9 @@ fn match_layers_impl(
             let (l, b) = (pi / nb, pi % nb);
             let (t0, t1) = (offsets[b], offsets[b + 1]);
             let problem = Problem {
-                logits: &logits[pi * nq * k..(pi + 1) * nq * k],
+                logits: &logits[l][b * nq * k..(b + 1) * nq * k],
                 k,
-                boxes: &boxes[pi * nq * 4..(pi + 1) * nq * 4],
+                boxes: &boxes[l][b * nq * 4..(b + 1) * nq * 4],
                 labels: &labels[t0..t1],
                 tboxes: &tboxes[t0 * 4..t1 * 4],
                 id: BlockId { layer: l, image: b },
@@ -336,7 +425,7 @@ mod tests {
     use super::*;
     use crate::cost::ClassCost;
     use crate::lsap::linear_sum_assignment;
-    use ndarray::{Array1, Array2, Array4};
+    use ndarray::{Array1, Array2, Array3, Array4};
 
     struct Rng(u64);
     impl Rng {
@@ -498,8 +587,8 @@ mod tests {
         let p = CostParams::detr();
         let bt = random_batch(&mut r, 2, 16, 100, 92, 91, 30);
         let out = match_layers_impl(
-            bt.logits.view(),
-            bt.boxes.view(),
+            &bt.logits.outer_iter().collect::<Vec<_>>(),
+            &bt.boxes.outer_iter().collect::<Vec<_>>(),
             bt.labels.view(),
             bt.tboxes.view(),
             bt.sizes.view(),
@@ -577,6 +666,69 @@ mod tests {
     }
 
     #[test]
+    fn separate_layer_arrays_equal_one_stacked_array() {
+        let mut r = Rng(5);
+        let p = CostParams::detr();
+        let bt = random_batch(&mut r, 3, 4, 30, 10, 9, 12);
+        let stacked = match_layers(
+            bt.logits.view(),
+            bt.boxes.view(),
+            bt.labels.view(),
+            bt.tboxes.view(),
+            bt.sizes.view(),
+            &p,
+        )
+        .unwrap();
+        // separate arrays, one of them non-contiguous (a transposed copy viewed back)
+        let mut lg: Vec<Array3<f32>> = bt.logits.outer_iter().map(|a| a.to_owned()).collect();
+        let bx: Vec<Array3<f32>> = bt.boxes.outer_iter().map(|a| a.to_owned()).collect();
+        let t = lg[1].t().as_standard_layout().into_owned();
+        lg[1] = t.reversed_axes(); // same values, Fortran order
+        assert!(!lg[1].is_standard_layout());
+        let lg_views: Vec<_> = lg.iter().map(|a| a.view()).collect();
+        let bx_views: Vec<_> = bx.iter().map(|a| a.view()).collect();
+        let list = match_layer_list(
+            &lg_views,
+            &bx_views,
+            bt.labels.view(),
+            bt.tboxes.view(),
+            bt.sizes.view(),
+            &p,
+        )
+        .unwrap();
+        assert_eq!(list, stacked);
+        // sets of different shapes are refused, naming the set
+        let small = Array3::<f32>::zeros((4, 29, 10));
+        let mut views = lg_views.clone();
+        views[2] = small.view();
+        let e = match_layer_list(
+            &views,
+            &bx_views,
+            bt.labels.view(),
+            bt.tboxes.view(),
+            bt.sizes.view(),
+            &p,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("pred_logits: prediction set 2 has shape"),
+            "{e}"
+        );
+        let e = match_layer_list(
+            &lg_views,
+            &bx_views[..2],
+            bt.labels.view(),
+            bt.tboxes.view(),
+            bt.sizes.view(),
+            &p,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("pred_boxes: got 2 prediction sets"), "{e}");
+    }
+
+    #[test]
     fn invalid_inputs_name_the_argument() {
         let mut r = Rng(11);
         let p = CostParams::detr();
@@ -617,7 +769,19 @@ mod tests {
         let tb = Array2::from_elem((1, 4), 0.2f32);
         let e = call(&bt.logits, &bt.boxes, &lab, &tb, &sizes, &p);
         assert!(
-            e.starts_with("target_labels: label 3 of target 0 is out of range"),
+            e.starts_with("target_labels: image 0: label 3 is out of range"),
+            "{e}"
+        );
+        let e = call(
+            &bt.logits,
+            &bt.boxes,
+            &lab,
+            &tb,
+            &Array1::from(vec![0i64, 1]),
+            &p,
+        );
+        assert!(
+            e.starts_with("target_labels: image 1: label 3 is out of range"),
             "{e}"
         );
         assert!(match_layers(

@@ -51,14 +51,16 @@ pub fn worth_parallel(work: usize) -> bool {
     work >= PARALLEL_MIN_WORK && num_threads() > 1
 }
 
-/// True when the machine seems to have a core to spare for a parallel job: the 1-minute load
-/// average (Linux `/proc/loadavg`, which counts this process's own running thread) is below
-/// the number of CPUs minus one half. On a busy machine a second worker thread is often
-/// descheduled mid-job and the whole call waits for it (measured on the 2-core dev box at
-/// load ~4: matcher B=32 Q=300 median 4.3 ms with 2 threads vs 2.5 ms sequential, while
-/// unloaded the 2 threads win). Like libgomp's `OMP_DYNAMIC`, which also reads the load
-/// average. Always true when `KA_RS_NUM_THREADS` is set (the user chose) or the load cannot
-/// be read. A plain file read: no lock, fork-safe; callers use it only for large jobs.
+/// True when the machine seems to have a core to spare for a parallel job right now: fewer
+/// threads are runnable at this instant (Linux `/proc/loadavg`, 4th field, which counts the
+/// calling thread itself) than there are CPUs. On a busy machine a second worker thread is
+/// often descheduled mid-job and the whole call waits for it (measured on the 2-core dev box
+/// at load ~4: matcher B=32 Q=300 median 4.3 ms with 2 threads vs 2.5 ms sequential, while
+/// unloaded the 2 threads win). The instantaneous count rather than the 1-minute load
+/// average, which also remembers the caller's own recent work (a training step's torch
+/// threads) and would keep a now idle core unused. Always true when `KA_RS_NUM_THREADS` is
+/// set (the user chose) or the count cannot be read. A plain file read: no lock, fork-safe;
+/// callers use it only for large jobs.
 pub fn spare_core() -> bool {
     static EXPLICIT: OnceLock<bool> = OnceLock::new();
     if *EXPLICIT.get_or_init(|| std::env::var_os("KA_RS_NUM_THREADS").is_some()) {
@@ -67,24 +69,22 @@ pub fn spare_core() -> bool {
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
-    match load_average() {
-        Some(load) => load + 0.5 < cpus as f64,
+    match runnable_threads() {
+        Some(running) => running < cpus,
         None => true,
     }
 }
 
-/// The 1-minute load average, where the OS exposes it (Linux).
-fn load_average() -> Option<f64> {
+/// Threads runnable at this instant, the caller included (Linux).
+fn runnable_threads() -> Option<usize> {
     let s = std::fs::read_to_string("/proc/loadavg").ok()?;
-    parse_loadavg(&s)
+    parse_runnable(&s)
 }
 
-fn parse_loadavg(s: &str) -> Option<f64> {
-    s.split_whitespace()
-        .next()?
-        .parse::<f64>()
-        .ok()
-        .filter(|x| x.is_finite())
+/// The `R` of `/proc/loadavg`'s "1m 5m 15m R/T last_pid".
+fn parse_runnable(s: &str) -> Option<usize> {
+    let field = s.split_whitespace().nth(3)?;
+    field.split('/').next()?.parse::<usize>().ok()
 }
 
 /// The pool of the current process, built on first use (or first use after a `fork`).
@@ -253,10 +253,15 @@ mod tests {
 
     #[test]
     fn loadavg_parsing() {
-        assert_eq!(parse_loadavg("3.94 3.84 4.82 3/712 12345\n"), Some(3.94));
-        assert_eq!(parse_loadavg(""), None);
-        assert_eq!(parse_loadavg("x 1 2"), None);
-        let _ = spare_core(); // never panics, whatever the machine
+        assert_eq!(parse_runnable("3.94 3.84 4.82 3/712 12345\n"), Some(3));
+        assert_eq!(parse_runnable("0.10 0.20 0.30 1/77 999"), Some(1));
+        assert_eq!(parse_runnable(""), None);
+        assert_eq!(parse_runnable("1 2 3 x/7 5"), None);
+        assert_eq!(parse_runnable("x 1 2"), None);
+        // never panics, whatever the machine
+        let _ = spare_core();
+        // this test thread is running, so the count is at least 1 where it can be read
+        assert!(runnable_threads().is_none_or(|n| n >= 1));
     }
 
     #[test]

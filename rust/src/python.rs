@@ -11,8 +11,8 @@ use crate::error::KaError;
 use crate::lsap;
 use crate::matcher;
 use numpy::{
-    IntoPyArray, PyArray1, PyArray2, PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArray4,
-    PyUntypedArray, PyUntypedArrayMethods,
+    IntoPyArray, PyArray1, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArray,
+    PyUntypedArrayMethods,
 };
 use pyo3::create_exception;
 use pyo3::exceptions::PyValueError;
@@ -272,16 +272,29 @@ fn linear_sum_assignment<'py>(
     ))
 }
 
-/// `(pred_idx, target_idx, counts)` of [`match_layers`].
-type MatchTriple<'py> = (
-    Bound<'py, PyArray1<i64>>,
-    Bound<'py, PyArray1<i64>>,
-    Bound<'py, PyArray2<i64>>,
-);
+/// Float32 arrays of one dimension from a Python list (or tuple), errors naming `arg[i]`.
+fn typed_list<'py, D: numpy::ndarray::Dimension>(
+    obj: &Bound<'py, PyAny>,
+    arg: &str,
+    want: &str,
+) -> PyResult<Vec<numpy::PyReadonlyArray<'py, f32, D>>> {
+    let items = obj
+        .try_iter()
+        .map_err(|_| invalid(arg, format!("expected a list of {want}")))?;
+    items
+        .enumerate()
+        .map(|(i, item)| typed(&item?, &format!("{arg}[{i}]"), want))
+        .collect()
+}
 
 /// Hungarian matching of L prediction sets × B images in one call (see `matcher.rs`).
-/// Returns flat `pred_idx`, `target_idx` (int64, blocks l-major then b, each sorted by
-/// pred_idx, target_idx local to the image) and `counts` (L, B) int64.
+///
+/// `pred_logits` / `pred_boxes` are lists of L float32 arrays (B, Q, K) / (B, Q, 4), all of
+/// one shape, so separate decoder-layer tensors need no stacking copy. Returns
+/// `(indices, counts)`: `counts` (a list of L·B ints, l-major then b) gives the pairs per
+/// block, and `indices` (int64, 2M) holds every block's query indices (sorted within a
+/// block) followed by every block's target indices (local to the image), so the caller can
+/// split both halves with one `split(counts + counts)`.
 #[pyfunction]
 #[pyo3(signature = (
     pred_logits, pred_boxes, target_labels, target_boxes, target_sizes,
@@ -302,16 +315,12 @@ fn match_layers<'py>(
     class_cost: &str,
     focal_alpha: f64,
     focal_gamma: f64,
-) -> PyResult<MatchTriple<'py>> {
+) -> PyResult<(Bound<'py, PyArray1<i64>>, Vec<i64>)> {
     let kind = ClassCost::parse(class_cost, focal_alpha, focal_gamma).map_err(to_py)?;
     let params = CostParams::new(cost_class, cost_bbox, cost_giou, kind).map_err(to_py)?;
-    let logits: PyReadonlyArray4<'py, f32> = typed(
-        pred_logits,
-        "pred_logits",
-        "a 4-D float32 array (L, B, Q, K)",
-    )?;
-    let boxes: PyReadonlyArray4<'py, f32> =
-        typed(pred_boxes, "pred_boxes", "a 4-D float32 array (L, B, Q, 4)")?;
+    let logits =
+        typed_list::<numpy::Ix3>(pred_logits, "pred_logits", "3-D float32 arrays (B, Q, K)")?;
+    let boxes = typed_list::<numpy::Ix3>(pred_boxes, "pred_boxes", "3-D float32 arrays (B, Q, 4)")?;
     let labels: PyReadonlyArray1<'py, i64> =
         typed(target_labels, "target_labels", "a 1-D int64 array (sumT,)")?;
     let tboxes: PyReadonlyArray2<'py, f32> = typed(
@@ -321,23 +330,15 @@ fn match_layers<'py>(
     )?;
     let sizes: PyReadonlyArray1<'py, i64> =
         typed(target_sizes, "target_sizes", "a 1-D int64 array (B,)")?;
-    let (lv, bv, labv, tbv, sv) = (
-        logits.as_array(),
-        boxes.as_array(),
-        labels.as_array(),
-        tboxes.as_array(),
-        sizes.as_array(),
-    );
+    let lv: Vec<_> = logits.iter().map(|a| a.as_array()).collect();
+    let bv: Vec<_> = boxes.iter().map(|a| a.as_array()).collect();
+    let (labv, tbv, sv) = (labels.as_array(), tboxes.as_array(), sizes.as_array());
     let out = py
-        .detach(|| matcher::match_layers(lv, bv, labv, tbv, sv, &params))
+        .detach(|| matcher::match_layer_list(&lv, &bv, labv, tbv, sv, &params))
         .map_err(to_py)?;
-    let counts = numpy::ndarray::Array2::from_shape_vec((out.layers, out.images), out.counts)
-        .map_err(|e| invalid("pred_logits", e.to_string()))?;
-    Ok((
-        PyArray1::from_vec(py, out.pred_idx),
-        PyArray1::from_vec(py, out.target_idx),
-        counts.into_pyarray(py),
-    ))
+    let mut indices = out.pred_idx;
+    indices.extend_from_slice(&out.target_idx);
+    Ok((PyArray1::from_vec(py, indices), out.counts))
 }
 
 #[pymodule(name = "_native", module = "ka_rs")]
