@@ -1134,9 +1134,10 @@ mod avx2 {
                 _mm256_cmp_ps(c, zero, _CMP_GT_OQ),
             );
             let giou = _mm256_sub_ps(iou, pen);
-            let cost = _mm256_sub_ps(
-                _mm256_add_ps(_mm256_mul_ps(wb, l1), _mm256_mul_ps(wc, ld(cc, j))),
-                _mm256_mul_ps(wg, giou),
+            let cost = _mm256_fnmadd_ps(
+                wg,
+                giou,
+                _mm256_fmadd_ps(wc, ld(cc, j), _mm256_mul_ps(wb, l1)),
             );
             st(out, j, cost);
             j += 8;
