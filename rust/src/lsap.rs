@@ -123,63 +123,62 @@ fn take(remaining: &mut Vec<usize>, pos: &mut [usize], it: usize) -> usize {
     j
 }
 
-/// One Dijkstra step from row `i`: for every unscanned column j (`pos[j] != NONE`),
+/// A Dijkstra step from row `i`: its cost row, its dual `ui` and the distance `min_val` at
+/// which the search reached it.
+#[derive(Clone, Copy)]
+struct Step<'a, C> {
+    row: &'a [C],
+    min_val: f64,
+    ui: f64,
+    i: usize,
+}
+
+/// Relax every unscanned column j (`pos[j] != NONE`) from `step`:
 /// `shortest[j] = min(shortest[j], min_val + row[j] - ui - v[j])` (same operation order as
 /// scipy, so the same rounding), with `path[j] = i` where it improved. Returns the smallest
 /// `shortest` over the unscanned columns (`+inf` if none).
-#[allow(clippy::too_many_arguments)]
 #[inline]
 fn relax<C: CostEntry>(
-    row: &[C],
-    min_val: f64,
-    ui: f64,
+    step: Step<'_, C>,
     v: &[f64],
     pos: &[usize],
     shortest: &mut [f64],
     path: &mut [usize],
-    i: usize,
 ) -> f64 {
     #[cfg(target_arch = "x86_64")]
     if crate::cost::use_avx2() {
         // SAFETY: the CPU supports AVX2 (checked just above).
-        return unsafe { relax_avx2(row, min_val, ui, v, pos, shortest, path, i) };
+        return unsafe { relax_avx2(step, v, pos, shortest, path) };
     }
-    relax_impl(row, min_val, ui, v, pos, shortest, path, i)
+    relax_scalar(step, v, pos, shortest, path)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// [`relax`] four columns at a time, with no data-dependent branches (the compiler turns the
+/// scalar loop's conditional stores into branches, which mispredict here).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 fn relax_avx2<C: CostEntry>(
-    row: &[C],
-    min_val: f64,
-    ui: f64,
+    step: Step<'_, C>,
     v: &[f64],
     pos: &[usize],
     shortest: &mut [f64],
     path: &mut [usize],
-    i: usize,
 ) -> f64 {
     use std::arch::x86_64::*;
     const L: usize = 4;
     let n = shortest.len();
-    let (row, v, pos, path) = (&row[..n], &v[..n], &pos[..n], &mut path[..n]);
+    let (row, v, pos, path) = (&step.row[..n], &v[..n], &pos[..n], &mut path[..n]);
     let split = n - n % L;
-    let (vmin, vui) = (_mm256_set1_pd(min_val), _mm256_set1_pd(ui));
-    let vi = _mm256_set1_epi64x(i as i64);
+    let (vmin, vui) = (_mm256_set1_pd(step.min_val), _mm256_set1_pd(step.ui));
+    let vi = _mm256_set1_epi64x(step.i as i64);
     let none = _mm256_set1_epi64x(-1); // NONE = usize::MAX
     let inf = _mm256_set1_pd(f64::INFINITY);
     let mut m = inf;
     let mut j = 0;
     while j < split {
         let c: [f64; L] = std::array::from_fn(|k| row[j + k].to_f64());
-        let (c, vv, po, sh, pa) = (
-            &c,
-            &v[j..j + L],
-            &pos[j..j + L],
-            &shortest[j..j + L],
-            &path[j..j + L],
-        );
+        let (vv, po) = (&v[j..j + L], &pos[j..j + L]);
+        let (sh, pa) = (&mut shortest[j..j + L], &mut path[j..j + L]);
         // SAFETY: every pointer comes from a slice of exactly L = 4 elements of 8 bytes
         // (f64, or usize which is 64-bit on x86_64); unaligned loads / stores are allowed.
         unsafe {
@@ -194,13 +193,13 @@ fn relax_avx2<C: CostEntry>(
             ));
             let improve = _mm256_andnot_pd(dead, _mm256_cmp_pd(r, s, _CMP_LT_OQ));
             let s = _mm256_blendv_pd(s, r, improve);
-            _mm256_storeu_pd(shortest[j..j + L].as_mut_ptr(), s);
+            _mm256_storeu_pd(sh.as_mut_ptr(), s);
             let p = _mm256_blendv_pd(
                 _mm256_loadu_pd(pa.as_ptr().cast()),
                 _mm256_castsi256_pd(vi),
                 improve,
             );
-            _mm256_storeu_pd(path[j..j + L].as_mut_ptr().cast(), p);
+            _mm256_storeu_pd(pa.as_mut_ptr().cast(), p);
             m = _mm256_min_pd(m, _mm256_blendv_pd(s, inf, dead));
         }
         j += L;
@@ -208,74 +207,45 @@ fn relax_avx2<C: CostEntry>(
     let mut lanes = [0.0f64; L];
     // SAFETY: `lanes` holds exactly L = 4 f64.
     unsafe { _mm256_storeu_pd(lanes.as_mut_ptr(), m) };
-    let head = lanes
-        .iter()
-        .fold(f64::INFINITY, |a, &b| if b < a { b } else { a });
-    let tail = relax_impl(
-        &row[split..],
-        min_val,
-        ui,
+    let tail = Step {
+        row: &row[split..],
+        ..step
+    };
+    let tail = relax_scalar(
+        tail,
         &v[split..],
         &pos[split..],
         &mut shortest[split..],
         &mut path[split..],
-        i,
     );
-    if tail < head {
-        tail
-    } else {
-        head
-    }
+    lanes.iter().fold(tail, |a, &b| if b < a { b } else { a })
 }
 
-/// Branch-free body of [`relax`], eight columns per iteration so that it vectorises.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn relax_impl<C: CostEntry>(
-    row: &[C],
-    min_val: f64,
-    ui: f64,
+/// [`relax`] one column at a time (no AVX2, and the AVX2 version's tail).
+fn relax_scalar<C: CostEntry>(
+    step: Step<'_, C>,
     v: &[f64],
     pos: &[usize],
     shortest: &mut [f64],
     path: &mut [usize],
-    i: usize,
 ) -> f64 {
-    const L: usize = 8;
-    let n = shortest.len();
-    let (row, v, pos, path) = (&row[..n], &v[..n], &pos[..n], &mut path[..n]);
-    let mut m = [f64::INFINITY; L];
-    let step = |r: f64, live: bool, s: &mut f64, p: &mut usize| -> f64 {
-        let improve = live & (r < *s);
-        *s = if improve { r } else { *s };
-        *p = if improve { i } else { *p };
-        if live {
-            *s
+    let mut lowest = f64::INFINITY;
+    for j in 0..shortest.len() {
+        if pos[j] == NONE {
+            continue;
+        }
+        let r = step.min_val + step.row[j].to_f64() - step.ui - v[j];
+        if r < shortest[j] {
+            shortest[j] = r;
+            path[j] = step.i;
+        }
+        lowest = if shortest[j] < lowest {
+            shortest[j]
         } else {
-            f64::INFINITY
-        }
-    };
-    let split = n - n % L;
-    for ((((sh, pa), c), vv), po) in shortest[..split]
-        .chunks_exact_mut(L)
-        .zip(path[..split].chunks_exact_mut(L))
-        .zip(row[..split].chunks_exact(L))
-        .zip(v[..split].chunks_exact(L))
-        .zip(pos[..split].chunks_exact(L))
-    {
-        for k in 0..L {
-            let r = min_val + c[k].to_f64() - ui - vv[k];
-            let key = step(r, po[k] != NONE, &mut sh[k], &mut pa[k]);
-            m[k] = if key < m[k] { key } else { m[k] };
-        }
+            lowest
+        };
     }
-    for j in split..n {
-        let r = min_val + row[j].to_f64() - ui - v[j];
-        let key = step(r, pos[j] != NONE, &mut shortest[j], &mut path[j]);
-        m[0] = if key < m[0] { key } else { m[0] };
-    }
-    m.iter()
-        .fold(f64::INFINITY, |a, &b| if b < a { b } else { a })
+    lowest
 }
 
 /// scipy's choice among the unscanned columns at the minimum `lowest` of a Dijkstra step:
@@ -458,8 +428,13 @@ impl LsapWorkspace {
                 let mut i = row4col[first];
                 loop {
                     sr.push(i);
-                    let row = &cost[i * nc..(i + 1) * nc];
-                    let lowest = relax(row, min_val, u[i], v, pos, shortest, path, i);
+                    let step = Step {
+                        row: &cost[i * nc..(i + 1) * nc],
+                        min_val,
+                        ui: u[i],
+                        i,
+                    };
+                    let lowest = relax(step, v, pos, shortest, path);
                     if lowest == f64::INFINITY {
                         return Err(infeasible(cur_row, nr, nc));
                     }
@@ -634,6 +609,109 @@ mod tests {
         }
         fn below(&mut self, n: u64) -> u64 {
             self.next_u64() % n
+        }
+    }
+
+    /// The AVX2 Dijkstra step and the scalar one update the same columns to the same values
+    /// and report the same minimum (ties, scanned columns, +inf costs, f32 and f64 rows).
+    #[test]
+    fn relax_kernels_agree() {
+        let mut r = Rng(0xfeed_beef_0123_4567);
+        for n in [1usize, 3, 4, 5, 8, 13, 64, 301] {
+            for _ in 0..20 {
+                let row64: Vec<f64> = (0..n)
+                    .map(|_| match r.below(6) {
+                        0 => f64::INFINITY,
+                        k => k as f64, // small integers: many ties
+                    })
+                    .collect();
+                let row32: Vec<f32> = row64.iter().map(|&x| x as f32).collect();
+                let v: Vec<f64> = (0..n).map(|_| r.below(3) as f64 - 1.0).collect();
+                let pos: Vec<usize> = (0..n)
+                    .map(|j| if r.below(4) == 0 { NONE } else { j })
+                    .collect();
+                let shortest0: Vec<f64> = (0..n)
+                    .map(|_| match r.below(5) {
+                        0 => f64::INFINITY,
+                        k => k as f64 + 0.5 * r.unif().round(),
+                    })
+                    .collect();
+                let path0: Vec<usize> = (0..n).map(|j| j + 1000).collect();
+                let run = |avx: bool, f32_row: bool| {
+                    let (mut sh, mut pa) = (shortest0.clone(), path0.clone());
+                    let m = match (avx, f32_row) {
+                        #[cfg(target_arch = "x86_64")]
+                        (true, false) => unsafe {
+                            // SAFETY: only called when the CPU has AVX2 (checked below).
+                            relax_avx2(
+                                Step {
+                                    row: &row64,
+                                    min_val: 0.5,
+                                    ui: 1.0,
+                                    i: 7,
+                                },
+                                &v,
+                                &pos,
+                                &mut sh,
+                                &mut pa,
+                            )
+                        },
+                        #[cfg(target_arch = "x86_64")]
+                        (true, true) => unsafe {
+                            // SAFETY: as above.
+                            relax_avx2(
+                                Step {
+                                    row: &row32,
+                                    min_val: 0.5,
+                                    ui: 1.0,
+                                    i: 7,
+                                },
+                                &v,
+                                &pos,
+                                &mut sh,
+                                &mut pa,
+                            )
+                        },
+                        (_, false) => relax_scalar(
+                            Step {
+                                row: &row64,
+                                min_val: 0.5,
+                                ui: 1.0,
+                                i: 7,
+                            },
+                            &v,
+                            &pos,
+                            &mut sh,
+                            &mut pa,
+                        ),
+                        (_, true) => relax_scalar(
+                            Step {
+                                row: &row32,
+                                min_val: 0.5,
+                                ui: 1.0,
+                                i: 7,
+                            },
+                            &v,
+                            &pos,
+                            &mut sh,
+                            &mut pa,
+                        ),
+                    };
+                    (m, sh, pa)
+                };
+                let want = run(false, false);
+                // scanned columns are untouched
+                for j in 0..n {
+                    if pos[j] == NONE {
+                        assert_eq!((want.1[j], want.2[j]), (shortest0[j], path0[j]));
+                    }
+                }
+                assert_eq!(run(false, true), want);
+                if crate::cost::use_avx2() {
+                    assert_eq!(run(true, false), want, "n {n}");
+                    assert_eq!(run(true, true), want, "n {n}");
+                }
+            }
         }
     }
 
