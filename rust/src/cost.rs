@@ -628,18 +628,19 @@ fn focal_rows(
     } else {
         u8::MAX
     };
+    #[cfg(target_arch = "x86_64")]
+    if simd && gamma_kind <= 4 {
+        let (labels_u, class_rows) = (&ws.labels_u[..], &mut ws.class_rows[..]);
+        // SAFETY: `simd` is true only when the CPU supports AVX2 and FMA.
+        unsafe { avx2::focal_rows(logits, k, q, labels_u, class_rows, alpha, gamma_kind) };
+        return;
+    }
+    let _ = simd;
     for (u, &lab) in ws.labels_u.iter().enumerate() {
         let row = &mut ws.class_rows[u * q..(u + 1) * q];
         for (qi, out) in row.iter_mut().enumerate() {
             *out = logits[qi * k + lab];
         }
-        #[cfg(target_arch = "x86_64")]
-        if simd && gamma_kind <= 4 {
-            // SAFETY: `simd` is true only when the CPU supports AVX2 and FMA.
-            unsafe { avx2::focal_inplace(row, alpha, gamma_kind) };
-            continue;
-        }
-        let _ = simd;
         focal_inplace(row, alpha, gamma, gamma_kind, 0);
     }
 }
@@ -1055,28 +1056,80 @@ mod avx2 {
         }
     }
 
-    /// See `super::focal_inplace` (integer γ in 0..=4 only).
+    /// Focal class cost of 8 logits (integer γ in 0..=4 only); see `super::focal_inplace`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn focal8(x: __m256, alpha: f32, gamma_kind: u8) -> __m256 {
+        let one = splat(1.0);
+        let eps = splat(1e-8);
+        // an exact division: p close to 1 feeds 1 − p, where a 1-ulp error in p would show
+        let p = _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_xor_ps(x, splat(-0.0)))));
+        let q = _mm256_sub_ps(one, p);
+        let ln_neg = ln8(_mm256_add_ps(q, eps));
+        let ln_pos = ln8(_mm256_add_ps(p, eps));
+        // neg = (1-α) p^γ (−ln(1−p+ε)); pos = α (1−p)^γ (−ln(p+ε)); cost = pos − neg
+        let neg = _mm256_mul_ps(
+            _mm256_mul_ps(splat(1.0 - alpha), pow8(p, gamma_kind)),
+            ln_neg,
+        );
+        let pos = _mm256_mul_ps(_mm256_mul_ps(splat(alpha), pow8(q, gamma_kind)), ln_pos);
+        _mm256_sub_ps(neg, pos)
+    }
+
+    /// See `super::focal_inplace` (integer γ in 0..=4 only); the tests compare it with the
+    /// scalar kernel.
+    #[cfg(test)]
     #[target_feature(enable = "avx2,fma")]
     pub(super) fn focal_inplace(xs: &mut [f32], alpha: f32, gamma_kind: u8) {
         let n8 = xs.len() - xs.len() % 8;
-        let one = splat(1.0);
-        let eps = splat(1e-8);
-        let (va, vna) = (splat(alpha), splat(1.0 - alpha));
-        let neg_zero = splat(-0.0);
         let mut i = 0;
         while i < n8 {
-            let x = ld(xs, i);
-            let p = _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_xor_ps(x, neg_zero))));
-            let q = _mm256_sub_ps(one, p);
-            let ln_neg = ln8(_mm256_add_ps(q, eps));
-            let ln_pos = ln8(_mm256_add_ps(p, eps));
-            // neg = (1-α) p^γ (−ln(1−p+ε)); pos = α (1−p)^γ (−ln(p+ε)); cost = pos − neg
-            let neg = _mm256_mul_ps(_mm256_mul_ps(vna, pow8(p, gamma_kind)), ln_neg);
-            let pos = _mm256_mul_ps(_mm256_mul_ps(va, pow8(q, gamma_kind)), ln_pos);
-            st(xs, i, _mm256_sub_ps(neg, pos));
+            st(xs, i, focal8(ld(xs, i), alpha, gamma_kind));
             i += 8;
         }
         super::focal_inplace(xs, alpha, gamma_kind as f32, gamma_kind, n8);
+    }
+
+    /// See `super::focal_rows` (integer γ in 0..=4 only): eight queries at a time, each
+    /// label's eight logits gathered from their rows into one vector (no strided scalar copy
+    /// into `class_rows` first).
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn focal_rows(
+        logits: &[f32],
+        k: usize,
+        q: usize,
+        labels_u: &[usize],
+        class_rows: &mut [f32],
+        alpha: f32,
+        gamma_kind: u8,
+    ) {
+        let q8 = q - q % 8;
+        let mut q0 = 0;
+        while q0 < q8 {
+            let group = &logits[q0 * k..(q0 + 8) * k];
+            for (u, &lab) in labels_u.iter().enumerate() {
+                let col = &group[lab..lab + 7 * k + 1];
+                let x = _mm256_setr_ps(
+                    col[0],
+                    col[k],
+                    col[2 * k],
+                    col[3 * k],
+                    col[4 * k],
+                    col[5 * k],
+                    col[6 * k],
+                    col[7 * k],
+                );
+                st(class_rows, u * q + q0, focal8(x, alpha, gamma_kind));
+            }
+            q0 += 8;
+        }
+        for (u, &lab) in labels_u.iter().enumerate() {
+            let row = &mut class_rows[u * q..(u + 1) * q];
+            for (qi, out) in row.iter_mut().enumerate().skip(q8) {
+                *out = logits[qi * k + lab];
+            }
+            super::focal_inplace(row, alpha, gamma_kind as f32, gamma_kind, q8);
+        }
     }
 
     /// a / b via the reciprocal estimate and one Newton step (≈ 1 ulp; much cheaper than
