@@ -612,6 +612,31 @@ mod tests {
         }
     }
 
+    /// One Dijkstra step (AVX2 or scalar) from `(v, pos, shortest, path)`: the minimum and
+    /// the updated `shortest` and `path`.
+    fn run_relax<C: CostEntry>(
+        row: &[C],
+        avx: bool,
+        (v, pos, shortest, path): (&[f64], &[usize], &[f64], &[usize]),
+    ) -> (f64, Vec<f64>, Vec<usize>) {
+        let (mut sh, mut pa) = (shortest.to_vec(), path.to_vec());
+        let step = Step {
+            row,
+            min_val: 0.5,
+            ui: 1.0,
+            i: 7,
+        };
+        #[cfg(target_arch = "x86_64")]
+        if avx {
+            // SAFETY: callers pass avx = true only when the CPU has AVX2.
+            let m = unsafe { relax_avx2(step, v, pos, &mut sh, &mut pa) };
+            return (m, sh, pa);
+        }
+        let _ = avx;
+        let m = relax_scalar(step, v, pos, &mut sh, &mut pa);
+        (m, sh, pa)
+    }
+
     /// The AVX2 Dijkstra step and the scalar one update the same columns to the same values
     /// and report the same minimum (ties, scanned columns, +inf costs, f32 and f64 rows).
     #[test]
@@ -637,79 +662,18 @@ mod tests {
                     })
                     .collect();
                 let path0: Vec<usize> = (0..n).map(|j| j + 1000).collect();
-                let run = |avx: bool, f32_row: bool| {
-                    let (mut sh, mut pa) = (shortest0.clone(), path0.clone());
-                    let m = match (avx, f32_row) {
-                        #[cfg(target_arch = "x86_64")]
-                        (true, false) => unsafe {
-                            // SAFETY: only called when the CPU has AVX2 (checked below).
-                            relax_avx2(
-                                Step {
-                                    row: &row64,
-                                    min_val: 0.5,
-                                    ui: 1.0,
-                                    i: 7,
-                                },
-                                &v,
-                                &pos,
-                                &mut sh,
-                                &mut pa,
-                            )
-                        },
-                        #[cfg(target_arch = "x86_64")]
-                        (true, true) => unsafe {
-                            // SAFETY: as above.
-                            relax_avx2(
-                                Step {
-                                    row: &row32,
-                                    min_val: 0.5,
-                                    ui: 1.0,
-                                    i: 7,
-                                },
-                                &v,
-                                &pos,
-                                &mut sh,
-                                &mut pa,
-                            )
-                        },
-                        (_, false) => relax_scalar(
-                            Step {
-                                row: &row64,
-                                min_val: 0.5,
-                                ui: 1.0,
-                                i: 7,
-                            },
-                            &v,
-                            &pos,
-                            &mut sh,
-                            &mut pa,
-                        ),
-                        (_, true) => relax_scalar(
-                            Step {
-                                row: &row32,
-                                min_val: 0.5,
-                                ui: 1.0,
-                                i: 7,
-                            },
-                            &v,
-                            &pos,
-                            &mut sh,
-                            &mut pa,
-                        ),
-                    };
-                    (m, sh, pa)
-                };
-                let want = run(false, false);
+                let state = (&v[..], &pos[..], &shortest0[..], &path0[..]);
+                let want = run_relax(&row64, false, state);
                 // scanned columns are untouched
                 for j in 0..n {
                     if pos[j] == NONE {
                         assert_eq!((want.1[j], want.2[j]), (shortest0[j], path0[j]));
                     }
                 }
-                assert_eq!(run(false, true), want);
+                assert_eq!(run_relax(&row32, false, state), want);
                 if crate::cost::use_avx2() {
-                    assert_eq!(run(true, false), want, "n {n}");
-                    assert_eq!(run(true, true), want, "n {n}");
+                    assert_eq!(run_relax(&row64, true, state), want, "n {n}");
+                    assert_eq!(run_relax(&row32, true, state), want, "n {n}");
                 }
             }
         }
