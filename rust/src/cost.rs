@@ -533,14 +533,13 @@ fn softmax_rows(
         // SAFETY: `simd` is true only when the CPU supports AVX2 and FMA.
         unsafe { avx2::softmax_rows(logits, k, q, labels_u, class_rows, buf) }
     } else {
-        softmax_rows_with(logits, k, q, labels_u, class_rows, buf, |r, b| {
-            softmax_denominator(r, b, false)
-        })
+        scalar_softmax_rows(logits, k, q, labels_u, class_rows, buf)
     };
     #[cfg(not(target_arch = "x86_64"))]
-    let ok = softmax_rows_with(logits, k, q, labels_u, class_rows, buf, |r, b| {
-        softmax_denominator(r, b, simd)
-    });
+    let ok = {
+        let _ = simd;
+        scalar_softmax_rows(logits, k, q, labels_u, class_rows, buf)
+    };
     if ok {
         Ok(())
     } else {
@@ -548,22 +547,19 @@ fn softmax_rows(
     }
 }
 
-/// The per-query loop of [`softmax_rows`], generic over the denominator kernel so that the
-/// AVX2 build inlines its kernel. Returns false on a non-finite logit.
-#[inline(always)]
-fn softmax_rows_with(
+/// Scalar [`softmax_rows`], one query at a time. Returns false on a non-finite logit.
+fn scalar_softmax_rows(
     logits: &[f32],
     k: usize,
     q: usize,
     labels_u: &[usize],
     class_rows: &mut [f32],
     buf: &mut [f32],
-    denominator: impl Fn(&[f32], &mut [f32]) -> Option<f32>,
 ) -> bool {
     let nu = labels_u.len();
     let class_rows = &mut class_rows[..nu * q];
     for (qi, row) in logits.chunks_exact(k).take(q).enumerate() {
-        let Some(sum) = denominator(row, buf) else {
+        let Some(sum) = scalar_softmax_denominator(row, buf) else {
             return false;
         };
         let inv = 1.0 / sum;
@@ -575,29 +571,11 @@ fn softmax_rows_with(
 }
 
 /// Writes `exp(row - max(row))` into `buf` and returns its sum, or `None` when `row` holds a
-/// non-finite value.
-#[inline]
-fn softmax_denominator(row: &[f32], buf: &mut [f32], simd: bool) -> Option<f32> {
-    #[cfg(target_arch = "x86_64")]
-    if simd {
-        // SAFETY: `simd` is true only when the CPU supports AVX2 and FMA.
-        return unsafe { avx2::softmax_denominator(row, buf) };
-    }
-    let _ = simd;
-    scalar_softmax_denominator(row, buf, 0, f32::NEG_INFINITY, 0.0)
-}
-
-/// Scalar tail / fallback: continues from index `from` with the running max `m` and
-/// finiteness accumulator `fin` of the elements before it, then exponentiates everything.
+/// non-finite value (scalar; `avx2::softmax_denominator` is the 8-lane version).
 #[inline(always)]
-fn scalar_softmax_denominator(
-    row: &[f32],
-    buf: &mut [f32],
-    from: usize,
-    mut m: f32,
-    mut fin: f32,
-) -> Option<f32> {
-    for &x in &row[from..] {
+fn scalar_softmax_denominator(row: &[f32], buf: &mut [f32]) -> Option<f32> {
+    let (mut m, mut fin) = (f32::NEG_INFINITY, 0.0f32);
+    for &x in row {
         m = mx(x, m);
         fin += x * 0.0;
     }
@@ -941,7 +919,7 @@ mod avx2 {
     /// minimax polynomial (error 2.6e-8 on that interval). Six multiply/FMA ops instead of the
     /// ten of a degree-7 polynomial on |r| ≤ ln2/2 (the FMA ports bound this loop).
     /// Relative error ≤ 2.1e-7 for |x| ≤ 20, ≤ 4e-7 down to the clamp at -87.3
-    /// (`exp8_matches_fast_exp`); torch's own f32 softmax is within a few ulp too.
+    /// (`exp8_is_accurate`); torch's own f32 softmax is within a few ulp too.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     pub(super) fn exp8_bounded(x: __m256) -> __m256 {
@@ -965,7 +943,8 @@ mod avx2 {
         _mm256_mul_ps(p, scale)
     }
 
-    /// See `super::softmax_denominator`. Two accumulators per pass (the loops are latency
+    /// See `super::scalar_softmax_denominator`; the fallback of [`softmax_rows`] for groups
+    /// that need the row max. Two accumulators per pass (the loops are latency
     /// bound on one), finiteness checked on the max / min and the sum instead of per element:
     /// +inf makes the max infinite, −inf the min, and a NaN propagates through `exp8_bounded`
     /// into the sum.
@@ -1447,19 +1426,22 @@ mod tests {
         for &k in &[1usize, 7, 8, 9, 92, 300] {
             let row: Vec<f32> = (0..k).map(|_| (r.unif() - 0.5) * 40.0).collect();
             let (mut b1, mut b2) = (vec![0.0; k], vec![0.0; k]);
-            let s1 = softmax_denominator(&row, &mut b1, false).unwrap();
-            let s2 = softmax_denominator(&row, &mut b2, true).unwrap();
+            // SAFETY (every avx2 call in this test): use_avx2() checked above.
+            let simd =
+                |row: &[f32], buf: &mut [f32]| unsafe { avx2::softmax_denominator(row, buf) };
+            let s1 = scalar_softmax_denominator(&row, &mut b1).unwrap();
+            let s2 = simd(&row, &mut b2).unwrap();
             assert!((s1 - s2).abs() <= 1e-6 * s1, "{s1} {s2}");
             for (a, b) in b1.iter().zip(&b2) {
                 assert!((a - b).abs() <= 1e-6 * a.max(1e-30));
             }
             let mut bad = row.clone();
             bad[k - 1] = f32::NAN;
-            assert!(softmax_denominator(&bad, &mut b2, true).is_none());
+            assert!(simd(&bad, &mut b2).is_none());
             bad[k - 1] = f32::NEG_INFINITY;
-            assert!(softmax_denominator(&bad, &mut b2, true).is_none());
+            assert!(simd(&bad, &mut b2).is_none());
             bad[0] = f32::INFINITY;
-            assert!(softmax_denominator(&bad, &mut b2, false).is_none());
+            assert!(scalar_softmax_denominator(&bad, &mut b2).is_none());
             // focal
             for kind in 0..=4u8 {
                 let mut f1 = row.clone();
