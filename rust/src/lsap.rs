@@ -284,11 +284,16 @@ fn for_each_at(xs: &[f64], x: f64, f: impl FnMut(usize) -> bool) {
         // SAFETY: the CPU supports AVX2 (checked just above).
         return unsafe { for_each_at_avx2(xs, x, f) };
     }
-    for_each_at_with(xs, x, f, |c, x| {
-        c.iter()
-            .enumerate()
-            .fold(0u32, |bits, (k, &s)| bits | (u32::from(s == x) << k))
-    })
+    for_each_at_with(xs, x, f, eq_bits)
+}
+
+/// Bit k set when `chunk[k] == x` (chunks of at most 32).
+#[inline(always)]
+fn eq_bits(chunk: &[f64], x: f64) -> u32 {
+    chunk
+        .iter()
+        .enumerate()
+        .fold(0u32, |bits, (k, &s)| bits | (u32::from(s == x) << k))
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -305,9 +310,7 @@ fn for_each_at_avx2(xs: &[f64], x: f64, f: impl FnMut(usize) -> bool) {
                 (_mm256_movemask_pd(lo) | (_mm256_movemask_pd(hi) << 4)) as u32
             }
         } else {
-            c.iter()
-                .enumerate()
-                .fold(0u32, |bits, (k, &s)| bits | (u32::from(s == x) << k))
+            eq_bits(c, x)
         }
     })
 }

@@ -149,18 +149,7 @@ pub fn match_layers(
     target_sizes: ArrayView1<i64>,
     params: &CostParams,
 ) -> KaResult<MatchOutput> {
-    let (nl, nb, nq, _) = pred_logits.dim();
-    let bd = pred_boxes.dim();
-    if bd != (nl, nb, nq, 4) {
-        return Err(KaError::invalid(
-            "pred_boxes",
-            format!(
-                "expected shape (L, B, Q, 4) = ({nl}, {nb}, {nq}, 4) to match pred_logits, \
-                 got ({}, {}, {}, {})",
-                bd.0, bd.1, bd.2, bd.3
-            ),
-        ));
-    }
+    // the per-set shape checks of match_layer_list cover the stacked form too
     let logits: Vec<_> = pred_logits.outer_iter().collect();
     let boxes: Vec<_> = pred_boxes.outer_iter().collect();
     match_layer_list(
