@@ -80,8 +80,8 @@ pub fn spare_core() -> bool {
 }
 
 /// Threads runnable at this instant, the caller included (Linux). The file stays open and
-/// is read with one `pread` (6 µs on the dev VM after an idle pause, against 25 µs for
-/// open + read + close); a descriptor inherited over `fork` reads the same global file.
+/// is read with one `pread` (one system call instead of open + read + close on every large
+/// job); a descriptor inherited over `fork` reads the same global file.
 #[cfg(unix)]
 fn runnable_threads() -> Option<usize> {
     use std::os::unix::fs::FileExt;
