@@ -4,7 +4,10 @@ Knowledge amalgamation merges N teachers, teacher ``k`` knowing the class names 
 student over the union ``U`` of their classes. :class:`LabelSpace` fixes that union (teacher 1's
 classes first, then each new name in teacher order; a name known to several teachers gets one
 union index) and each teacher's local→union index map. The student's "no object" class is the
-background index ``|U|``.
+background index ``|U|``. A teacher's class list follows its head's index order and may mark
+slots that are not classes with ``None`` (DETR's COCO head has 91 slots indexed by category id,
+11 of them unused): such a slot maps to ``-1``, never enters the union and never becomes a
+pseudo-target, while the teacher's logits (and softmax) stay whole.
 
 :func:`build_pseudo_targets` turns the teachers' predictions on a batch into the student's
 training targets (DESIGN.md §1.3 steps 1–3), for all images and all teachers in one Rust call:
@@ -58,7 +61,8 @@ class LabelSpace:
         ([1, 2], 3)
 
     Attributes:
-        teacher_classes: ``((teacher name, (class names...)), ...)`` in teacher order, as given.
+        teacher_classes: ``((teacher name, (class names...)), ...)`` in teacher order, as given
+            (``None`` = a non-class slot of that teacher's head).
         names: the union's class names, teacher 1's classes first, then each new name in teacher
             order (a name known to several teachers appears once).
     """
@@ -74,10 +78,11 @@ class LabelSpace:
         union: dict[str, int] = {}
         for _, classes in entries:
             for name in classes:
-                union.setdefault(name, len(union))
+                if name is not None:
+                    union.setdefault(name, len(union))
         maps = []
         for _, classes in entries:
-            m = np.array([union[c] for c in classes], dtype=np.int64)
+            m = np.array([-1 if c is None else union[c] for c in classes], dtype=np.int64)
             m.setflags(write=False)
             maps.append(m)
         object.__setattr__(self, "teacher_classes", entries)
@@ -87,12 +92,13 @@ class LabelSpace:
         object.__setattr__(self, "_maps", tuple(maps))
 
     @classmethod
-    def from_teachers(cls, teachers: Mapping[str, Sequence[str]]) -> LabelSpace:
+    def from_teachers(cls, teachers: Mapping[str, Sequence[str | None]]) -> LabelSpace:
         """Union of the teachers' class lists, ``{teacher name: [class names...]}`` in order.
 
-        Overlapping class names across teachers are allowed (one union index per name).
-        Raises ``ValueError`` naming ``teachers`` for no teachers, a teacher with no classes,
-        a class name repeated within one teacher, or non-string names.
+        Overlapping class names across teachers are allowed (one union index per name);
+        ``None`` entries are non-class slots of a head. Raises ``ValueError`` naming
+        ``teachers`` for no teachers, a teacher with no class, a class name repeated within
+        one teacher, or names that are neither non-empty strings nor None.
         """
         if not isinstance(teachers, Mapping):
             raise ValueError(
@@ -125,12 +131,13 @@ class LabelSpace:
             return self._teacher_index[teacher]
         raise ValueError(f"teacher: unknown teacher {teacher!r}; known: {list(self.teachers)}")
 
-    def classes(self, teacher: str | int) -> tuple[str, ...]:
-        """Class names of ``teacher`` in its own (local) order."""
+    def classes(self, teacher: str | int) -> tuple[str | None, ...]:
+        """Class names of ``teacher`` in its own (local, head) order; None = non-class slot."""
         return self.teacher_classes[self.teacher_index(teacher)][1]
 
     def local_to_union(self, teacher: str | int) -> np.ndarray:
-        """``int64 (C_k,)``: union index of each of ``teacher``'s local classes (a fresh copy)."""
+        """``int64 (C_k,)``: union index of each of ``teacher``'s local classes, ``-1`` for a
+        non-class slot (a fresh copy)."""
         return self._maps[self.teacher_index(teacher)].copy()
 
     def teachers_of(self, name: str) -> tuple[str, ...]:
@@ -153,7 +160,8 @@ class LabelSpace:
     @property
     def is_overlapping(self) -> bool:
         """True when some class name is known to more than one teacher."""
-        return sum(len(c) for _, c in self.teacher_classes) != len(self.names)
+        known = sum(sum(n is not None for n in c) for _, c in self.teacher_classes)
+        return known != len(self.names)
 
     def index(self, name: str) -> int:
         """Union index of class ``name``; ``ValueError`` for an unknown name."""
@@ -162,19 +170,21 @@ class LabelSpace:
         except (KeyError, TypeError):
             raise ValueError(f"name: unknown class {name!r}") from None
 
-    def to_dict(self) -> dict[str, list[str]]:
+    def to_dict(self) -> dict[str, list[str | None]]:
         """``{teacher: [class names...]}``, the input of :meth:`from_teachers` (JSON-friendly)."""
         return {t: list(c) for t, c in self.teacher_classes}
 
 
-def _normalise_teachers(items: Any, arg: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+def _normalise_teachers(
+    items: Any, arg: str
+) -> tuple[tuple[str, tuple[str | None, ...]], ...]:
     try:
         pairs = list(items)
     except TypeError:
         raise ValueError(f"{arg}: expected (teacher name, class names) pairs") from None
     if not pairs:
         raise ValueError(f"{arg}: at least one teacher is required")
-    out: list[tuple[str, tuple[str, ...]]] = []
+    out: list[tuple[str, tuple[str | None, ...]]] = []
     seen_teachers: set[str] = set()
     for pair in pairs:
         if not (isinstance(pair, tuple) and len(pair) == 2):
@@ -194,14 +204,18 @@ def _normalise_teachers(items: Any, arg: str) -> tuple[tuple[str, tuple[str, ...
             raise ValueError(f"{arg}: teacher {teacher!r} has no classes")
         seen: set[str] = set()
         for name in classes:
+            if name is None:  # a non-class slot of the head
+                continue
             if not isinstance(name, str) or not name:
                 raise ValueError(
-                    f"{arg}: teacher {teacher!r}: class names must be non-empty strings, "
-                    f"got {name!r}"
+                    f"{arg}: teacher {teacher!r}: class names must be non-empty strings "
+                    f"(or None for a non-class slot), got {name!r}"
                 )
             if name in seen:
                 raise ValueError(f"{arg}: teacher {teacher!r} lists class {name!r} twice")
             seen.add(name)
+        if not seen:
+            raise ValueError(f"{arg}: teacher {teacher!r} has no classes (only non-class slots)")
         out.append((teacher, tuple(classes)))
     return tuple(out)
 

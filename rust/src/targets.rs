@@ -3,7 +3,8 @@
 //! (DESIGN.md §1.3 steps 1–3 and §1.5), for a whole batch and all teachers in one call.
 //!
 //! For every image `b` and every teacher `k` (logits `(B, Q_k, K_k)`, boxes `(B, Q_k, 4)`
-//! normalised cxcywh, local→union class map of length `C_k`):
+//! normalised cxcywh, local→union class map of length `C_k`; a map entry of `-1` marks a
+//! *non-class slot*, such as the unused category ids in DETR's 91-slot COCO head):
 //!
 //! 1. **Candidates.** A *softmax* teacher has `K_k = C_k + 1` logits, the last one being
 //!    "no object"; query `q` is a candidate when the arg-max over all `K_k` logits is a
@@ -11,6 +12,8 @@
 //!    (focal-style) teacher has `K_k = C_k` logits and no background; query `q` is a candidate
 //!    when its largest sigmoid probability is `> threshold`, with the arg-max as its class.
 //!    Arg-max ties go to the lower class index; probabilities are computed in `f64`.
+//!    Non-class slots take no part in the arg-max (they never become candidates), but a
+//!    softmax teacher's probabilities are its own: the denominator sums over all `K_k` logits.
 //! 2. **Pool and order.** Candidates of all teachers are pooled and sorted by decreasing score;
 //!    ties go to the lower teacher index, then to the lower query index. This is the output order.
 //! 3. **Dedupe (optional).** With `nms_iou = Some(t)`, class-aware NMS in *union* space: a
@@ -22,8 +25,8 @@
 //! 4. **Top-n.** The first `top_n` survivors are kept.
 //! 5. **Remap.** Hard label = union index of the arg-max class; box = the teacher's box;
 //!    soft logits = a `|U| + 1` row filled with `fill_logit`, into which the teacher's raw
-//!    class logits are written at their union positions; a softmax teacher's background logit
-//!    goes to the union background index `|U|`. A sigmoid teacher has no background logit, so
+//!    class logits are written at their union positions (non-class slots are left out); a
+//!    softmax teacher's background logit goes to the union background index `|U|`. A sigmoid teacher has no background logit, so
 //!    for its pseudo-targets the background entry stays `fill_logit`.
 //!
 //! Images are processed in parallel on the process-local pool only above a work threshold.
@@ -80,7 +83,7 @@ pub struct TeacherOutputs<'a> {
     pub logits: ArrayView3<'a, f32>,
     /// `(B, Q_k, 4)` normalised cxcywh boxes.
     pub boxes: ArrayView3<'a, f32>,
-    /// `(C_k,)` union index of each local class.
+    /// `(C_k,)` union index of each local class, or `-1` for a non-class slot.
     pub local_to_union: ArrayView1<'a, i64>,
     /// Classification head type.
     pub kind: TeacherKind,
@@ -204,7 +207,10 @@ struct Candidate {
 struct Teacher<'a> {
     logits: ArrayView3<'a, f32>,
     boxes: ArrayView3<'a, f32>,
-    map: Vec<usize>,
+    /// Union index per local class; `None` = a non-class slot.
+    map: Vec<Option<usize>>,
+    /// True when the map has no non-class slot (the arg-max then scans plain rows).
+    all_classes: bool,
     kind: TeacherKind,
 }
 
@@ -212,7 +218,8 @@ struct Teacher<'a> {
 ///
 /// Errors (never panics) name the offending input: `teacher_logits[k]`, `teacher_boxes[k]`,
 /// `local_to_union[k]` for mismatched batch sizes, query counts, logit widths, out-of-range or
-/// repeated union indices, non-finite values or negative box sizes.
+/// repeated union indices, a map with no class (only `-1` entries), non-finite values or
+/// negative box sizes.
 pub fn build_pseudo_targets(
     teachers: &[TeacherOutputs<'_>],
     config: &PseudoTargetConfig,
@@ -293,13 +300,20 @@ fn validate<'a>(
         let mut seen = vec![false; union];
         let mut map = Vec::with_capacity(classes);
         for (j, &u) in t.local_to_union.iter().enumerate() {
+            if u == -1 {
+                map.push(None); // a non-class slot
+                continue;
+            }
             let idx = usize::try_from(u)
                 .ok()
                 .filter(|&i| i < union)
                 .ok_or_else(|| {
                     KaError::invalid(
                         &map_arg,
-                        format!("entry {j} is {u}, outside [0, num_union_classes={union})"),
+                        format!(
+                            "entry {j} is {u}, outside [0, num_union_classes={union}) \
+                             (-1 = non-class slot)"
+                        ),
                     )
                 })?;
             if seen[idx] {
@@ -309,7 +323,13 @@ fn validate<'a>(
                 ));
             }
             seen[idx] = true;
-            map.push(idx);
+            map.push(Some(idx));
+        }
+        if map.iter().all(Option::is_none) {
+            return Err(KaError::invalid(
+                map_arg,
+                "every entry is -1: a teacher needs at least one class",
+            ));
         }
         check_finite(&t.logits, &logits_arg)?;
         check_finite(&t.boxes, &boxes_arg)?;
@@ -334,6 +354,7 @@ fn validate<'a>(
         out.push(Teacher {
             logits: t.logits,
             boxes: t.boxes,
+            all_classes: map.iter().all(Option::is_some),
             map,
             kind: t.kind,
         });
@@ -362,12 +383,12 @@ fn check_finite(a: &ArrayView3<'_, f32>, arg: &str) -> KaResult<()> {
     }
 }
 
-/// Arg-max (first maximum) and maximum of a non-empty row.
-fn argmax(row: &[f32]) -> (usize, f32) {
+/// Arg-max (first maximum) and maximum of a non-empty row, over the entries `take` allows.
+fn argmax(row: &[f32], take: impl Fn(usize) -> bool) -> (usize, f32) {
     let mut best = 0usize;
     let mut max = f32::NEG_INFINITY;
     for (j, &v) in row.iter().enumerate() {
-        if v > max {
+        if v > max && take(j) {
             max = v;
             best = j;
         }
@@ -376,16 +397,23 @@ fn argmax(row: &[f32]) -> (usize, f32) {
 }
 
 /// Candidate class and probability of one query, or `None` when it is not a candidate.
-fn candidate(row: &[f32], kind: TeacherKind, threshold: f64) -> Option<(usize, f64)> {
-    let (class, max) = argmax(row);
-    let prob = match kind {
+/// Non-class slots of `t.map` are skipped by the arg-max; a softmax still normalises over the
+/// whole row (the teacher's own probabilities).
+fn candidate(row: &[f32], t: &Teacher<'_>, threshold: f64) -> Option<(usize, f64)> {
+    let (class, max) = if t.all_classes {
+        argmax(row, |_| true)
+    } else {
+        argmax(row, |j| t.map.get(j).is_none_or(Option::is_some))
+    };
+    let prob = match t.kind {
         TeacherKind::Softmax => {
             if class + 1 == row.len() {
                 return None; // background wins
             }
-            let m = f64::from(max);
+            let m = row.iter().fold(max, |a, &v| a.max(v)); // a non-class slot may be larger
+            let m = f64::from(m);
             let denom: f64 = row.iter().map(|&v| (f64::from(v) - m).exp()).sum();
-            1.0 / denom
+            (f64::from(max) - m).exp() / denom
         }
         TeacherKind::Sigmoid => 1.0 / (1.0 + (-f64::from(max)).exp()),
     };
@@ -402,13 +430,15 @@ fn select_image(
     for (k, t) in teachers.iter().enumerate() {
         let logits: ArrayView2<'_, f32> = t.logits.index_axis(Axis(0), b);
         let mut push = |q: usize, row: &[f32]| {
-            if let Some((class, score)) = candidate(row, t.kind, config.threshold) {
-                cands.push(Candidate {
-                    score,
-                    teacher: k,
-                    query: q,
-                    label: t.map[class],
-                });
+            if let Some((class, score)) = candidate(row, t, config.threshold) {
+                if let Some(label) = t.map[class] {
+                    cands.push(Candidate {
+                        score,
+                        teacher: k,
+                        query: q,
+                        label,
+                    });
+                }
             }
         };
         match logits.as_slice() {
@@ -504,8 +534,10 @@ fn assemble(
             let logits = t.logits.index_axis(Axis(0), b);
             let logits = logits.row(c.query);
             let row = &mut out.soft_logits[m * width..(m + 1) * width];
-            for (&u, &v) in t.map.iter().zip(logits.iter()) {
-                row[u] = v;
+            for (u, &v) in t.map.iter().zip(logits.iter()) {
+                if let Some(u) = *u {
+                    row[u] = v;
+                }
             }
             if t.kind == TeacherKind::Softmax {
                 row[background] = logits[t.map.len()];
@@ -577,6 +609,38 @@ mod tests {
         // Soft row: union [c0, c1, c2, bg] = [local1, fill, local0, bg].
         assert_eq!(&out.soft_logits[0..4], &[0.0, -5.0, 5.0, 0.0]);
         assert_eq!(&out.soft_logits[4..8], &[2.0, -5.0, 0.0, 1.0]);
+    }
+
+    #[test]
+    fn non_class_slots_never_become_candidates_and_keep_the_softmax() {
+        // Softmax teacher with 3 slots, slot 1 a non-class slot (-1), |U| = 2.
+        let logits = Array3::from_shape_vec(
+            (1, 3, 4),
+            vec![
+                0.0, 6.0, 0.0, 0.0, // the non-class slot wins: class 0 / 2 at p ~ 0.0025
+                1.0, 6.0, 3.0, 0.0, // class 2 is the best real class, p = e^3 / sum
+                0.0, 0.0, 0.0, 9.0, // background
+            ],
+        )
+        .unwrap();
+        let boxes = boxes_of(1, 3);
+        let map = arr1(&[0i64, -1, 1]);
+        let t = teacher(&logits, &boxes, &map, TeacherKind::Softmax);
+        let out = build_pseudo_targets(&[t], &cfg(2, 0.01, 50, None)).unwrap();
+        assert_eq!(out.counts, vec![1]);
+        assert_eq!(out.labels, vec![1]);
+        let denom = 1f64.exp() + 6f64.exp() + 3f64.exp() + 1.0;
+        let p = 3f64.exp() / denom; // the teacher's own softmax, non-class slot included
+        assert!((f64::from(out.scores[0]) - p).abs() < 1e-6);
+        // Soft row [u0, u1, bg]: the non-class slot's logit is not written anywhere.
+        assert_eq!(&out.soft_logits[0..3], &[1.0, 3.0, 0.0]);
+        // A sigmoid teacher: the non-class slot's large logit is ignored too.
+        let sig = Array3::from_shape_vec((1, 1, 3), vec![-1.0, 8.0, -3.0]).unwrap();
+        let b1 = boxes_of(1, 1);
+        let t = teacher(&sig, &b1, &map, TeacherKind::Sigmoid);
+        let out = build_pseudo_targets(&[t], &cfg(2, 0.2, 50, None)).unwrap();
+        assert_eq!(out.labels, vec![0]);
+        assert!((f64::from(out.scores[0]) - 1.0 / (1.0 + 1f64.exp())).abs() < 1e-6);
     }
 
     #[test]
@@ -797,9 +861,12 @@ mod tests {
         let bad_map = arr1(&[0i64, 2]);
         let t = teacher(&logits, &boxes, &bad_map, TeacherKind::Softmax);
         assert!(err_of(build_pseudo_targets(&[t], &c)).starts_with("local_to_union[0]:"));
-        let neg_map = arr1(&[-1i64, 0]);
+        let neg_map = arr1(&[-2i64, 0]);
         let t = teacher(&logits, &boxes, &neg_map, TeacherKind::Softmax);
         assert!(err_of(build_pseudo_targets(&[t], &c)).starts_with("local_to_union[0]:"));
+        let no_class_map = arr1(&[-1i64, -1]);
+        let t = teacher(&logits, &boxes, &no_class_map, TeacherKind::Softmax);
+        assert!(err_of(build_pseudo_targets(&[t], &c)).contains("at least one class"));
         let dup_map = arr1(&[1i64, 1]);
         let t = teacher(&logits, &boxes, &dup_map, TeacherKind::Softmax);
         assert!(err_of(build_pseudo_targets(&[t], &c)).contains("more than once"));

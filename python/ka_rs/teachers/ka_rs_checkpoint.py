@@ -1,0 +1,56 @@
+"""Teachers from ka_rs's own checkpoints (``ka-rs train-teacher``, ``ka-rs convert``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from ka_rs.teachers.base import DetrTeacher, Teacher
+
+__all__ = ["load_ka_rs_teacher"]
+
+
+def load_ka_rs_teacher(path: str | Path, *, classes: Sequence[str | None] | None = None) -> Teacher:
+    """A teacher from a ka_rs checkpoint file.
+
+    A detector checkpoint gives a :class:`DetrTeacher` (SA + TA). A *student* checkpoint gives
+    a TA-only teacher: its N-slot encoder has no sequence a student slot could copy.
+
+    Args:
+        path: the ``checkpoint.pt``.
+        classes: new class names (same length as the checkpoint's), or None to keep its own.
+
+    Raises:
+        CheckpointError: missing, corrupt or foreign file, no class names, or a ``classes``
+            list of the wrong length (the message names the file).
+    """
+    from ka_rs.engine.checkpoint import CheckpointError, load_detector
+
+    det = load_detector(path)
+    names: list[str | None] = list(classes) if classes is not None else list(det.class_names)
+    if not names:
+        raise CheckpointError(f"checkpoint {str(path)!r} has no class names; give classes=")
+    ckpt_classes = det.model.config.num_classes
+    if len(names) != ckpt_classes:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r}: {len(names)} class names given for a head with "
+            f"{ckpt_classes} classes"
+        )
+    data = (det.config or {}).get("data", {}) if isinstance(det.config, dict) else {}
+    image_size = int(data.get("image_size") or 0) if isinstance(data, dict) else 0
+    if not image_size:
+        from ka_rs.models.presets import TRAINING_HINTS
+
+        preset = (det.config or {}).get("model", {}).get("preset", "")
+        image_size = int(TRAINING_HINTS.get(preset, {}).get("image_size", 0))
+    info = {"format": "ka_rs", "kind": det.checkpoint.get("kind", "teacher")}
+    if det.checkpoint.get("student"):
+        return Teacher(
+            det.model,
+            names,
+            det.model.config.class_head,
+            source=str(path),
+            image_size=image_size,
+            info=info,
+        )
+    return DetrTeacher(det.model, names, source=str(path), image_size=image_size, info=info)
