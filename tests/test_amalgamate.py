@@ -12,16 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from ka_rs.amalgamation import init_student_from_teacher
 from ka_rs.cli import main
 from ka_rs.data import get_split
-from ka_rs.engine.amalgamate import (
-    AmalgamateConfig,
-    amalgamate,
-    init_student_from_teacher,
-    load_amalgamate_config,
-    load_student,
-    load_teachers,
-)
+from ka_rs.engine.amalgamate import amalgamate, load_student, load_teachers
+from ka_rs.engine.amalgamate_config import AmalgamateConfig, load_amalgamate_config
 from ka_rs.engine.checkpoint import load_checkpoint, save_checkpoint
 from ka_rs.engine.config import ConfigError, dump_toml
 from ka_rs.engine.logging import read_metrics
@@ -135,7 +130,8 @@ def test_config_defaults_overrides_and_toml_round_trip(tmp_path):
         (["amalgamation.mode=semi"], [], "amalgamation.mode"),
         (["model.preset=detr_r50"], [], "no [model] section"),
         (["train.batch_sise=2"], [], "train.batch_sise"),
-        ([], ["noequals"], "NAME=CHECKPOINT"),
+        ([], ["noequals"], "NAME=SOURCE"),
+        ([], ["a=x.pt", "a=y.pt", "b=z.pt"], "teacher .a. is given twice"),
         (["amalgamation.sa=false", "amalgamation.ta=false"], [], "nothing to train"),
     ],
 )
@@ -449,7 +445,8 @@ def test_torchrun_two_processes_keep_student_and_hint_in_sync(teachers, tmp_path
         textwrap.dedent(
             f"""
             import json, os, sys, torch
-            from ka_rs.engine.amalgamate import amalgamate, load_amalgamate_config
+            from ka_rs.engine.amalgamate import amalgamate
+            from ka_rs.engine.amalgamate_config import load_amalgamate_config
             cfg = load_amalgamate_config(None, {
                 json.dumps(
                     [
@@ -528,7 +525,7 @@ def test_teacher_cache_matches_live_teachers(teachers, tmp_path):
 
 
 def test_teacher_cache_refuses_images_of_several_sizes(teachers, tmp_path):
-    from ka_rs.engine.amalgamate import TeacherCache
+    from ka_rs.engine.teacher_cache import TeacherCache
 
     ts = load_teachers(teachers)
     items = [

@@ -40,8 +40,13 @@ _EXPORTS: dict[str, str] = {
     "load_detector": "ka_rs.engine.checkpoint",
     # amalgamation engine
     "amalgamate": "ka_rs.engine.amalgamate",
-    "load_amalgamate_config": "ka_rs.engine.amalgamate",
+    "load_amalgamate_config": "ka_rs.engine.amalgamate_config",
     "load_teachers": "ka_rs.engine.amalgamate",
+    # teachers and the amalgamation step
+    "Teacher": "ka_rs.teachers",
+    "load_teacher": "ka_rs.teachers",
+    "AmalgamationStep": "ka_rs.amalgamation",
+    "build_amalgamation_student": "ka_rs.amalgamation",
     # data
     "ShapesDataset": "ka_rs.data",
     "CocoDetection": "ka_rs.data",

@@ -25,12 +25,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ka_rs.engine.amalgamate import (
-    AmalgamateConfig,
-    amalgamate,
-    apply_amalgamate_overrides,
-    load_teachers,
-)
+from ka_rs.engine.amalgamate import amalgamate, load_teachers
+from ka_rs.engine.amalgamate_config import AmalgamateConfig, apply_amalgamate_overrides
 from ka_rs.engine.demo import (
     DemoConfig,
     Job,

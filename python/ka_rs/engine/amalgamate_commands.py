@@ -33,7 +33,7 @@ def load_amalgamate_run_config(args: argparse.Namespace) -> tuple[Any, Path | No
     With ``--resume`` and no ``--config``, the config stored in the checkpoint is the base
     (``--set`` / ``--teacher`` still apply).
     """
-    from ka_rs.engine.amalgamate import (
+    from ka_rs.engine.amalgamate_config import (
         AmalgamateConfig,
         apply_amalgamate_overrides,
         load_amalgamate_config,
@@ -48,18 +48,19 @@ def load_amalgamate_run_config(args: argparse.Namespace) -> tuple[Any, Path | No
     if args.no_progress:
         overrides.append("train.progress=false")
     teachers = list(args.teacher)
+    classes = list(args.teacher_classes)
     resume: Path | None = None
     if args.resume is not None:
         if args.resume is True:
-            base = load_amalgamate_config(args.config, overrides, teachers)
+            base = load_amalgamate_config(args.config, overrides, teachers, classes)
             resume = Path(base.train.output_dir) / "checkpoint.pt"
         else:
             resume = Path(args.resume)
         if not args.config:
             ckpt = load_checkpoint(resume)
             cfg = AmalgamateConfig.from_dict(ckpt.get("config") or {}, source=f"config in {resume}")
-            return apply_amalgamate_overrides(cfg, overrides, teachers), resume
-    return load_amalgamate_config(args.config, overrides, teachers), resume
+            return apply_amalgamate_overrides(cfg, overrides, teachers, classes), resume
+    return load_amalgamate_config(args.config, overrides, teachers, classes), resume
 
 
 def cmd_amalgamate(args: argparse.Namespace) -> int:
@@ -184,8 +185,19 @@ def register(sub: Any) -> None:
         "-t",
         action="append",
         default=[],
-        metavar="NAME=CKPT",
-        help="a teacher checkpoint (repeat once per teacher, in slot order)",
+        metavar="NAME=SOURCE",
+        help="a teacher, once per teacher in slot order: a ka_rs checkpoint path, "
+        "detr:PATH (facebookresearch/detr; detr-c5:/detr-dc5: state the backbone), "
+        "hf:DIR or hf:ORG/ID (Hugging Face)",
+    )
+    p.add_argument(
+        "--teacher-classes",
+        dest="teacher_classes",
+        action="append",
+        default=[],
+        metavar="NAME=FILE|a,b,c",
+        help="class names of teacher NAME in its head's order (a file with one per line, or "
+        "a comma-separated list; N/A marks a non-class slot)",
     )
     add_config_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

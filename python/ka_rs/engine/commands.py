@@ -1,4 +1,5 @@
-"""``ka-rs`` subcommands of the engine: ``train-teacher``, ``evaluate``, ``export-shapes``.
+"""``ka-rs`` subcommands of the engine: ``train-teacher``, ``evaluate``, ``convert``,
+``export-shapes``.
 
 Registered by :mod:`ka_rs.cli` (see there for the contract). Only argparse is imported at
 module level; torch and the engine load when a command runs. :func:`add_config_arguments` and
@@ -15,6 +16,7 @@ from typing import Any
 
 __all__ = [
     "add_config_arguments",
+    "cmd_convert",
     "cmd_evaluate",
     "cmd_export_shapes",
     "cmd_train_teacher",
@@ -137,25 +139,26 @@ def _parse_subsets(specs: list[str], model_classes: list[str]) -> dict[str, list
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """Evaluate a checkpoint on a dataset; print a rich table and optionally JSON."""
+    """Evaluate a detector from any teacher source; print a rich table and optionally JSON."""
     import torch
     from rich.console import Console
 
-    from ka_rs.engine.checkpoint import load_detector
     from ka_rs.engine.config import Config, DataConfig, apply_overrides, load_config
     from ka_rs.engine.distributed import cleanup_distributed, init_distributed
     from ka_rs.engine.evaluate import evaluate, make_eval_loader, results_table
     from ka_rs.engine.train import build_datasets, preset_hints
+    from ka_rs.teachers import load_teacher
 
-    det = load_detector(args.checkpoint)
+    teacher = load_teacher(args.checkpoint, classes=_classes_arg(args.classes))
+    stored = teacher.run_config
     if args.config:
         cfg = load_config(args.config)
     else:
         try:
-            cfg = Config.from_dict(det.config, source=f"config in {args.checkpoint}")
+            cfg = Config.from_dict(stored, source=f"config in {args.checkpoint}")
         except ValueError:
             try:  # e.g. a student's amalgamation config: keep its data/train sections
-                engine = {k: v for k, v in det.config.items() if k in ("data", "train")}
+                engine = {k: v for k, v in stored.items() if k in ("data", "train")}
                 cfg = Config.from_dict(engine, source=f"config in {args.checkpoint}")
             except ValueError:
                 cfg = Config()
@@ -173,6 +176,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     overrides += [f"data.{k}={_toml_str(v)}" for k, v in flags.items() if v is not None]
     if args.num_images is not None:
         overrides.append(f"data.num_val_images={int(args.num_images)}")
+    if args.image_size:
+        overrides.append(f"data.image_size={int(args.image_size)}")
     if args.device:
         overrides.append(f"train.device={_toml_str(args.device)}")
     cfg = apply_overrides(cfg, overrides) if overrides else cfg
@@ -181,24 +186,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     data.classes, data.split, data.teacher = [], "", ""
     info = init_distributed(cfg.train.device)
     try:
-        size = int(preset_hints(cfg.model.preset).get("image_size", 128))
+        size = teacher.image_size or int(preset_hints(cfg.model.preset).get("image_size", 128))
         _, val_ds, _ = build_datasets(data, image_size=size, train=False)
         bs = args.batch_size or cfg.train.eval_batch_size or 2 * cfg.train.batch_size
         loader = make_eval_loader(val_ds, bs, args.num_workers, info)
         loader.generator = torch.Generator().manual_seed(0)
-        subsets = _parse_subsets(args.subsets, det.class_names)
+        classes = [c for c in teacher.class_names if c is not None]
+        subsets = _parse_subsets(args.subsets, classes)
         for spec in args.subset:
-            name, _, classes = spec.partition("=")
-            if not classes:
+            name, _, names = spec.partition("=")
+            if not names:
                 raise ValueError(f"--subset {spec!r}: expected NAME=class,class,...")
-            subsets[name] = [c.strip() for c in classes.split(",") if c.strip()]
-        model = det.model.to(info.device)
+            subsets[name] = [c.strip() for c in names.split(",") if c.strip()]
         result = evaluate(
-            model,
+            teacher.to(info.device),
             loader,
-            det.class_names,
+            teacher.class_names,
             subsets,
             device=info.device,
+            class_head=teacher.head,
             progress=not args.no_progress,
         )
     finally:
@@ -211,6 +217,35 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             if args.json:
                 Path(args.json).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.json).write_text(result.to_json())
+    return 0
+
+
+def _classes_arg(spec: str | None) -> Any:
+    """``--classes``: a file of names, or a comma-separated list; None when not given."""
+    if not spec:
+        return None
+    if Path(spec).is_file() or "," not in spec:
+        return spec
+    return [c.strip() for c in spec.split(",") if c.strip()]
+
+
+# ---------------------------------------------------------------------------------------------
+# convert
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Write any teacher source as a ka_rs checkpoint (config, class names, weights)."""
+    import json
+
+    from ka_rs.teachers import load_teacher
+    from ka_rs.teachers.convert import save_teacher_checkpoint
+
+    teacher = load_teacher(args.source, classes=_classes_arg(args.classes))
+    path = save_teacher_checkpoint(teacher, args.dest)
+    summary = {"source": args.source, "checkpoint": str(path), **teacher.describe()}
+    summary.pop("class_names", None)
+    summary["num_classes"] = len(teacher.classes)
+    print(json.dumps(summary, indent=2))
     return 0
 
 
@@ -257,12 +292,30 @@ def register(sub: Any) -> None:
 
     p = sub.add_parser(
         "evaluate",
-        help="COCO AP / AP50 / AP75 of a checkpoint, over all classes and per subset",
-        description="Evaluate a ka_rs checkpoint. By default on the validation data of the "
-        "config stored in the checkpoint; --data/--root/--ann-file/--split choose another "
+        help="COCO AP / AP50 / AP75 of a detector (any teacher source), overall and per subset",
+        description="Evaluate a detector: a ka_rs checkpoint, detr:PATH (facebookresearch/detr), "
+        "hf:DIR or hf:ORG/ID (Hugging Face). By default on the validation data of the config "
+        "stored in a ka_rs checkpoint; --data/--root/--ann-file/--split choose another "
         "dataset. Only the model's classes are scored (matched to the data by name).",
     )
-    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="ka_rs checkpoint")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="SOURCE",
+        help="ka_rs checkpoint path, detr:PATH, detr-c5:PATH, detr-dc5:PATH, hf:DIR, hf:ORG/ID",
+    )
+    p.add_argument(
+        "--classes",
+        metavar="FILE|a,b,c",
+        help="the detector's class names in head order (needed for non-COCO detr: files)",
+    )
+    p.add_argument(
+        "--image-size",
+        dest="image_size",
+        type=int,
+        default=0,
+        help="shorter image side (default: the source's training size)",
+    )
     p.add_argument("--config", "-c", metavar="TOML", help="take the data section from here")
     p.add_argument("--set", "-s", dest="overrides", action="append", default=[])
     p.add_argument("--data", choices=("shapes", "coco", "voc"), help="dataset kind")
@@ -285,6 +338,17 @@ def register(sub: Any) -> None:
     p.add_argument("--json", metavar="PATH", help="write the results as JSON ('-' = stdout)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "convert",
+        help="write any teacher source (detr:, hf:, ...) as a ka_rs checkpoint",
+        description="Convert a teacher source into a ka_rs checkpoint (model config, class "
+        "names, weights) that every ka-rs command and ka_rs.load_teacher read.",
+    )
+    p.add_argument("source", metavar="SOURCE", help="detr:PATH, hf:DIR, hf:ORG/ID, ...")
+    p.add_argument("dest", metavar="DEST", help="the checkpoint file to write (.pt)")
+    p.add_argument("--classes", metavar="FILE|a,b,c", help="class names in head order")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser(
         "export-shapes",

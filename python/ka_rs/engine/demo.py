@@ -47,13 +47,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ka_rs.engine.amalgamate import (
+from ka_rs.engine.amalgamate import amalgamate, load_teachers
+from ka_rs.engine.amalgamate_config import (
     AmalgamateConfig,
-    LoadedTeacher,
-    amalgamate,
     apply_amalgamate_overrides,
     config_hash,
-    load_teachers,
 )
 from ka_rs.engine.config import (
     Config,
@@ -64,6 +62,7 @@ from ka_rs.engine.config import (
     config_from_dict,
     parse_override,
 )
+from ka_rs.teachers import Teacher
 
 try:  # Python >= 3.11
     import tomllib
@@ -559,7 +558,7 @@ class StudentRun:
 
 def train_student(
     scfg: AmalgamateConfig,
-    teachers: Sequence[LoadedTeacher],
+    teachers: Sequence[Teacher],
     processes: int,
     threads: int,
     *,
@@ -820,7 +819,7 @@ class TeacherEnsemble(nn.Module):
     ΣQ_k queries.
     """
 
-    def __init__(self, teachers: Sequence[LoadedTeacher], union: Sequence[str]) -> None:
+    def __init__(self, teachers: Sequence[Teacher], union: Sequence[str]) -> None:
         super().__init__()
         kinds = {t.kind for t in teachers}
         if len(kinds) != 1:
@@ -988,9 +987,7 @@ def run_demo(
     ensemble_eval = None
     if len({t.kind for t in teachers}) == 1:
         ens = TeacherEnsemble(teachers, union)
-        ensemble_eval = evaluate_on_test(
-            ens, test_ds, union, subsets, class_head=teachers[0].model.config.class_head
-        )
+        ensemble_eval = evaluate_on_test(ens, test_ds, union, subsets, class_head=teachers[0].head)
     timings["evaluation"] = time.perf_counter() - t0
 
     # 4. figures

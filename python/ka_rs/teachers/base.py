@@ -58,6 +58,9 @@ class Teacher(nn.Module):
         image_size: the shorter image side the teacher was trained at (a hint for the
             student's data when the run does not set one); 0 = unknown.
         info: free-form facts about the source (format, backbone, ...), JSON-friendly.
+        run_config: the run configuration a ka_rs checkpoint stores (its ``data`` section
+            tells ``ka-rs evaluate`` which images the teacher was validated on); empty for
+            other sources.
 
     Subclasses override :meth:`forward`; the default runs ``model(images, mask)``.
     """
@@ -73,6 +76,7 @@ class Teacher(nn.Module):
         detr_config: DetrConfig | None = None,
         image_size: int = 0,
         info: Mapping[str, Any] | None = None,
+        run_config: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if head not in HEADS:
@@ -85,6 +89,7 @@ class Teacher(nn.Module):
         self.detr_config = detr_config
         self.image_size = int(image_size)
         self.info: dict[str, Any] = dict(info or {})
+        self.run_config: dict[str, Any] = dict(run_config or {})
         self.freeze()
 
     # -- what the engine reads ----------------------------------------------------------------
@@ -170,6 +175,7 @@ class DetrTeacher(Teacher):
         name: str = "",
         image_size: int = 0,
         info: Mapping[str, Any] | None = None,
+        run_config: Mapping[str, Any] | None = None,
     ) -> None:
         if not isinstance(model, DETR):
             raise ValueError(f"model: expected a ka_rs DETR, got {type(model).__name__}")
@@ -187,6 +193,7 @@ class DetrTeacher(Teacher):
             detr_config=model.config,
             image_size=image_size,
             info=info,
+            run_config=run_config,
         )
 
     def forward(self, images: Tensor, mask: Tensor | None = None) -> DetrOutput:
@@ -214,4 +221,3 @@ def _check_class_names(names: Sequence[str | None], source: str) -> tuple[str | 
     if not seen:
         raise ValueError(f"{where}: the teacher has no classes (every slot is a non-class slot)")
     return tuple(out)
-

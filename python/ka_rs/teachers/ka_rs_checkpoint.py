@@ -44,6 +44,7 @@ def load_ka_rs_teacher(path: str | Path, *, classes: Sequence[str | None] | None
         preset = (det.config or {}).get("model", {}).get("preset", "")
         image_size = int(TRAINING_HINTS.get(preset, {}).get("image_size", 0))
     info = {"format": "ka_rs", "kind": det.checkpoint.get("kind", "teacher")}
+    run_config = det.config if isinstance(det.config, dict) else {}
     if det.checkpoint.get("student"):
         return Teacher(
             det.model,
@@ -52,5 +53,13 @@ def load_ka_rs_teacher(path: str | Path, *, classes: Sequence[str | None] | None
             source=str(path),
             image_size=image_size,
             info=info,
+            run_config=run_config,
         )
-    return DetrTeacher(det.model, names, source=str(path), image_size=image_size, info=info)
+    return DetrTeacher(
+        det.model,
+        names,
+        source=str(path),
+        image_size=image_size,
+        info=info,
+        run_config=run_config,
+    )

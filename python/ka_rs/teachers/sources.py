@@ -101,7 +101,7 @@ def read_class_names(spec: Sequence[str] | str | Path, where: str = "classes") -
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise SourceError(f"{where}: cannot read {str(path)!r}: {exc}") from None
-        if text.lstrip().startswith("["):
+        if text.lstrip()[:1] in ("[", "{"):
             try:
                 names = json.loads(text)
             except json.JSONDecodeError as exc:
