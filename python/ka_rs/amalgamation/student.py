@@ -68,9 +68,9 @@ def student_base_config(
 ) -> DetrConfig:
     """The architecture the student copies (class count and query count not yet set).
 
-    ``init_from`` names a teacher (which must be a ka_rs DETR); otherwise the first teacher
-    with a ka_rs architecture; otherwise ``overrides["preset"]`` (a preset name of
-    :data:`ka_rs.models.PRESETS`) plus the other overrides.
+    ``init_from`` names a teacher (which must be a ka_rs DETR); otherwise ``overrides["preset"]``
+    (a preset name of :data:`ka_rs.models.PRESETS`, with the other overrides applied); otherwise
+    the first teacher with a ka_rs architecture.
 
     Raises:
         ValueError: ``init_from`` is unknown or a TA-only teacher; no teacher has an
@@ -98,7 +98,7 @@ def student_base_config(
                 f"amalgamation.student.preset: unknown preset {preset!r}; presets: "
                 f"{sorted(PRESETS)}"
             )
-        return preset_config(preset, num_classes=1)
+        return preset_config(preset, num_classes=1, **overrides)
     for t in teachers:
         if t.detr_config is not None:
             return t.detr_config
