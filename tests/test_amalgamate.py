@@ -491,17 +491,36 @@ def test_torchrun_two_processes_keep_student_and_hint_in_sync(teachers, tmp_path
 
 
 @pytest.mark.parametrize(
-    ("name", "split", "source"),
-    [("voc-10+10", "voc-10+10", "voc"), ("coco-40+40", "coco-40+40", "coco")],
+    ("name", "split", "source", "recipe"),
+    [
+        ("voc-10+10", "voc-10+10", "voc", (200, [150], 4 * 8)),
+        ("coco-40+40", "coco-40+40", "coco", (60, [50], 3 * 8)),
+    ],
 )
-def test_paper_split_configs_load(name, split, source):
-    cfg = load_amalgamate_config(Path(__file__).resolve().parents[1] / "configs" / f"{name}.toml")
+def test_paper_split_configs_are_the_papers_recipes(name, split, source, recipe):
+    """The paper's label-assisted recipes; teachers named as detr: sources with the split's
+    classes in head order; the label-free variant is one override away."""
+    from ka_rs.engine.amalgamate_config import teacher_specs
+
+    path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.toml"
+    cfg = load_amalgamate_config(path)
     cfg.validate()
-    assert list(cfg.teachers) == list(get_split(split))
+    specs = teacher_specs(cfg.teachers)
+    assert {k: v["classes"] for k, v in specs.items()} == get_split(split)
+    assert all(v["source"].startswith("detr:") for v in specs.values())
     assert cfg.data.source == source and cfg.data.image_size == 800
     a = cfg.amalgamation
     assert a.sa and a.ta and not a.aggregation and not a.cross_slot_attention
+    assert a.mode == "label_assisted" and a.nms_iou < 0 and a.threshold == 0.1
+    epochs, drop, total_batch = recipe
+    assert (cfg.train.epochs, cfg.optim.lr_drop, cfg.train.batch_size * 8) == (
+        epochs,
+        drop,
+        total_batch,
+    )
     assert (cfg.optim.lr, cfg.optim.lr_backbone, cfg.optim.clip_max_norm) == (1e-4, 1e-5, 0.1)
+    free = load_amalgamate_config(path, ["amalgamation.mode=label_free"])
+    assert free.amalgamation.mode == "label_free"
 
 
 def test_teacher_cache_matches_live_teachers(teachers, tmp_path):
