@@ -1,6 +1,6 @@
 """Benchmark: ka_rs.build_pseudo_targets vs a per-label Python loop (the authors' style).
 
-Both build the TA pseudo-targets of one batch (DESIGN.md §1.3 steps 1-3) from two softmax DETR
+Both build the TA pseudo-targets of one batch (docs/method.md §4 steps 1-5) from two softmax DETR
 teachers with disjoint class sets (VOC 10+10: 10 classes each, Q = 100 queries, B = 32 by
 default), threshold 0.1, top-n 50, fill logit -5. The baseline goes per image, per teacher, per
 query with Python-level candidate checks, remaps the label through a dict and fills each soft

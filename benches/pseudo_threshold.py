@@ -3,7 +3,7 @@
 For every teacher checkpoint and threshold, on the shapes ``val`` images:
 
 - candidates per image: queries whose best class probability exceeds the threshold (the
-  pseudo-target candidates of DESIGN.md §1.3 step 1, before top-n and NMS);
+  pseudo-target candidates of docs/method.md §4 step 1, before top-n and NMS);
 - the teacher's own AP50 on its classes when only those candidates are kept (the others are
   moved off-image with their score lowered, so they rank last and match nothing) — an upper
   bound of what a student trained on those pseudo-targets can learn.

@@ -106,7 +106,7 @@ def test_config_defaults_overrides_and_toml_round_trip(tmp_path):
     assert cfg.amalgamation.student == {"num_queries": 12}
     assert cfg.optim.lr == pytest.approx(3e-4)
     assert cfg.train.output_dir == "runs/student"
-    # the paper's defaults (DESIGN §1.3)
+    # the paper's defaults (docs/method.md §6)
     a = AmalgamateConfig().amalgamation
     assert (a.threshold, a.top_n, a.fill_logit, a.temperature, a.eos_coef) == (
         0.1,

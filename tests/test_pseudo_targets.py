@@ -14,7 +14,7 @@ from ka_rs import _native
 from ka_rs.labels import LabelSpace, _split, _to_host, build_pseudo_targets
 
 # --------------------------------------------------------------------------------------------
-# reference: the method written out per image with torch ops (DESIGN.md §1.3 steps 1-3, §1.5)
+# reference: the method written out per image with torch ops (docs/method.md §4)
 # --------------------------------------------------------------------------------------------
 
 

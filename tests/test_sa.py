@@ -1,4 +1,4 @@
-"""SequenceAmalgamationLoss and AggregationHintLoss (DESIGN §1.2)."""
+"""SequenceAmalgamationLoss and AggregationHintLoss (docs/method.md §3)."""
 
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ def test_padded_tokens_ignored_at_encoder_points():
             teachers2[k][point][1, -2:] -= 50.0
     assert loss(student2, teachers2, mask)["loss"].item() == pytest.approx(base, rel=1e-6)
 
-    # DESIGN: at the projected-input point (hook 0) every token counts ...
+    # docs/method.md §3: at the projected-input point (hook 0) every token counts ...
     student3 = [s.clone() for s in student]
     student3[0][1, S - 2 : S] += 10.0 * torch.randn(2, D)
     assert loss(student3, teachers, mask)["loss"].item() != pytest.approx(base, rel=1e-3)

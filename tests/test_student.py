@@ -1,4 +1,4 @@
-"""AmalgamationStudent / build_student (DESIGN §1.1 Student) and a student+SA+TA overfit step."""
+"""AmalgamationStudent / build_student (docs/method.md §2) and a student+SA+TA overfit step."""
 
 from __future__ import annotations
 

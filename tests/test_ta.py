@@ -1,4 +1,4 @@
-"""TaskAmalgamationLoss (DESIGN §1.3 steps 4-5) and the label-free / label-assisted schedule."""
+"""TaskAmalgamationLoss (docs/method.md §4) and the label-free / label-assisted schedule."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ slots that are not classes with ``None`` (DETR's COCO head has 91 slots indexed 
 pseudo-target, while the teacher's logits (and softmax) stay whole.
 
 :func:`build_pseudo_targets` turns the teachers' predictions on a batch into the student's
-training targets (DESIGN.md §1.3 steps 1–3), for all images and all teachers in one Rust call:
+training targets (docs/method.md §4), for all images and all teachers in one Rust call:
 
 1. **Candidates.** Softmax teachers (DETR: ``C_k + 1`` logits, the last one "no object"): a
    query is a candidate when its arg-max is a foreground class and its probability is
@@ -175,9 +175,7 @@ class LabelSpace:
         return {t: list(c) for t, c in self.teacher_classes}
 
 
-def _normalise_teachers(
-    items: Any, arg: str
-) -> tuple[tuple[str, tuple[str | None, ...]], ...]:
+def _normalise_teachers(items: Any, arg: str) -> tuple[tuple[str, tuple[str | None, ...]], ...]:
     try:
         pairs = list(items)
     except TypeError:

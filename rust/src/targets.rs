@@ -1,6 +1,6 @@
 //! Task-level amalgamation (TA) pseudo-targets: candidate selection, cross-teacher
 //! deduplication, top-n and the soft-target remap into the union label space
-//! (DESIGN.md §1.3 steps 1–3 and §1.5), for a whole batch and all teachers in one call.
+//! (docs/method.md §4), for a whole batch and all teachers in one call.
 //!
 //! For every image `b` and every teacher `k` (logits `(B, Q_k, K_k)`, boxes `(B, Q_k, 4)`
 //! normalised cxcywh, local→union class map of length `C_k`; a map entry of `-1` marks a

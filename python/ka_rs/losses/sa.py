@@ -1,6 +1,6 @@
 """Sequence-level amalgamation (SA) and the prior-KA "aggregation" hint baseline.
 
-DESIGN §1.2. A teacher's *sequence* at a hook point is the (B, S, d) token matrix a DETR
+docs/method.md §3. A teacher's *sequence* at a hook point is the (B, S, d) token matrix a DETR
 encoder carries there: hook 0 is the projected input (after the 1×1 projection, before the
 first encoder layer), hooks 1..L are the outputs of encoder layers 1..L (before the encoder's
 final norm). ``DetrOutput.sequences`` lists them in that order.
@@ -117,7 +117,7 @@ class SequenceAmalgamationLoss(nn.Module):
     Args:
         weights: optional per-hook-point weights w_l (default 1 at every point); its length
             must equal the number of hook points (1 + encoder layers).
-        mask_input_point: DESIGN §1.2 compares *all* tokens at the projected-input point (hook
+        mask_input_point: docs/method.md §3 compares *all* tokens at the projected-input point (hook
             0) and only non-padded tokens at the encoder-layer points; set True to drop padded
             tokens at hook 0 as well.
         eps: layer-norm epsilon of the normaliser.

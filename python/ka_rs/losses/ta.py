@@ -1,6 +1,6 @@
 """Task-level amalgamation (TA) loss and the label-free / label-assisted weight schedule.
 
-DESIGN §1.3 steps 4–5. The teachers' predictions have already been turned into per-image
+docs/method.md §4. The teachers' predictions have already been turned into per-image
 pseudo-targets by :func:`ka_rs.labels.build_pseudo_targets` (hard union labels, teacher boxes,
 soft logits over the union + background). Here the student's final and auxiliary decoder
 outputs are matched to them — every layer in ONE :meth:`HungarianMatcher.match_layers` call —
@@ -61,7 +61,7 @@ _HEADS = ("softmax", "sigmoid")
 def amalgamation_weight(
     epoch: int, total_epochs: int, mode: str = "label_free"
 ) -> tuple[float, float]:
-    """Loss weights ``(w_gt, w_amg)`` of DESIGN §1.4 for 0-based ``epoch`` of ``total_epochs``.
+    """Loss weights ``(w_gt, w_amg)`` (docs/method.md §5) of 0-based ``epoch`` of ``total_epochs``.
 
     ``L = w_gt·L_DETR(ground truth) + w_amg·(L_SA + L_TA)``.
 
