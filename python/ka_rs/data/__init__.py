@@ -10,7 +10,9 @@
 Dataset items after :func:`make_transforms` are ``(image (3, H, W) float normalised, target)``
 with ``labels`` int64 (T,), ``boxes`` float32 (T, 4) normalised cxcywh, ``image_id`` int,
 ``orig_size`` / ``size`` int64 (2,) = (h, w), ``iscrowd`` int64 (T,), ``area`` float32 (T,).
-Without transforms an item is ``(PIL RGB image, target)`` with absolute xyxy pixel boxes.
+Without transforms an item is ``(RGB image, target)`` with absolute xyxy pixel boxes; the image
+is PIL ``"RGB"``, or a float ``(3, H, W)`` tensor in [0, 1] for 16-bit / float image files
+(:mod:`ka_rs.data.images`: how every Pillow mode and the EXIF orientation are decoded).
 """
 
 from .base import PER_OBJECT_KEYS, DatasetError, DetectionDataset, SkippedItem

@@ -31,10 +31,10 @@ __all__ = [
     "PER_OBJECT_KEYS",
     "DatasetError",
     "DetectionDataset",
+    "ImageDecodeError",
     "SkippedItem",
     "Target",
     "empty_target",
-    "load_rgb_image",
 ]
 
 logger = logging.getLogger("ka_rs.data")
@@ -62,6 +62,24 @@ class DatasetError(ValueError):
         super().__init__(f"{where}: {problem}")
 
 
+class ImageDecodeError(DatasetError):
+    """An image file that cannot be turned into RGB pixels: truncated, corrupt, not an image,
+    unreadable EXIF, or a pixel mode with no RGB reading (see :mod:`ka_rs.data.images`).
+
+    ``mode`` is the Pillow mode that was refused, ``None`` when the file did not decode.
+    """
+
+    def __init__(
+        self,
+        file: str | os.PathLike[str],
+        item: str | None,
+        problem: str,
+        mode: str | None = None,
+    ) -> None:
+        super().__init__(file, item, problem)
+        self.mode = mode
+
+
 @dataclass(frozen=True)
 class SkippedItem:
     """One input item left out because ``skip_invalid=True``.
@@ -76,26 +94,10 @@ class SkippedItem:
     message: str
 
 
-def load_rgb_image(path: str | os.PathLike[str], item: str) -> Image.Image:
-    """Decode an image file fully with Pillow and return it as RGB.
-
-    Raises :class:`DatasetError` naming ``path`` and ``item`` when the file is missing,
-    truncated or not an image.
-    """
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
-    except FileNotFoundError as e:
-        raise DatasetError(path, item, "image file not found") from e
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise DatasetError(path, item, f"cannot decode image: {e}") from e
-
-
 class DetectionDataset(Dataset):
     """Base class: ``__getitem__`` = ``load`` + optional ``transforms``.
 
-    Subclasses implement :meth:`__len__`, :meth:`load` (PIL RGB image and raw target, see the
+    Subclasses implement :meth:`__len__`, :meth:`load` (RGB image and raw target, see the
     module docstring) and :meth:`coco_gt`, and set ``class_names``.
 
     Load-time errors (an unreadable image) raise :class:`DatasetError` unless the dataset was
@@ -115,8 +117,10 @@ class DetectionDataset(Dataset):
     def __len__(self) -> int:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def load(self, index: int) -> tuple[Image.Image, Target]:  # pragma: no cover - abstract
-        """Return the untransformed ``(PIL RGB image, raw target)`` of item ``index``."""
+    def load(self, index: int) -> tuple[Image.Image | torch.Tensor, Target]:  # pragma: no cover
+        """Return the untransformed ``(RGB image, raw target)`` of item ``index``: a PIL
+        ``"RGB"`` image, or a float32 ``(3, H, W)`` tensor in [0, 1] for 16-bit / float image
+        files (:func:`ka_rs.data.images.load_rgb_image`)."""
         raise NotImplementedError
 
     def coco_gt(self) -> dict[str, Any]:  # pragma: no cover - abstract

@@ -6,9 +6,11 @@ class splits and subsets refer to classes by name. ``coco_gt()`` re-numbers cate
 ``index + 1``; ``label_to_cat_id`` / ``cat_id_to_label`` map back and forth to the file's ids.
 
 All annotations are validated when the dataset is built (cheap, no image decoding); images are
-decoded with Pillow at load time. Problems raise :class:`~ka_rs.data.base.DatasetError` (a
-``ValueError``) naming the file and the image / annotation id, unless ``skip_invalid=True``:
-then each bad item is logged (``logging``, logger ``ka_rs.data``) and listed in ``.skipped``.
+decoded with Pillow at load time, upright per their EXIF orientation (boxes and width/height are
+taken to be those of the upright image, as detectron2 assumes; :mod:`ka_rs.data.images`).
+Problems raise :class:`~ka_rs.data.base.DatasetError` (a ``ValueError``) naming the file and the
+image / annotation id, unless ``skip_invalid=True``: then each bad item is logged (``logging``,
+logger ``ka_rs.data``) and listed in ``.skipped``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from pycocotools.coco import COCO
 
 from .base import (
@@ -31,9 +32,9 @@ from .base import (
     Target,
     Transform,
     empty_target,
-    load_rgb_image,
     logger,
 )
+from .images import DecodedImage, load_rgb_image, read_image_size
 
 __all__ = ["CocoDetection"]
 
@@ -50,7 +51,9 @@ class CocoDetection(DetectionDataset):
         ann_file: COCO ``instances`` JSON with ``images``, ``annotations`` (optional for
             image-info files) and ``categories``.
         transforms: callable ``(image, target) -> (image, target)``; without it an item is
-            ``(PIL RGB image, raw target)`` with absolute xyxy boxes (:mod:`ka_rs.data.base`).
+            ``(RGB image, raw target)`` with absolute xyxy boxes (:mod:`ka_rs.data.base`); the
+            image is PIL ``"RGB"``, or a float ``(3, H, W)`` tensor in [0, 1] for 16-bit / float
+            files (:mod:`ka_rs.data.images` has the table of pixel modes).
         skip_invalid: log and skip bad images / annotations instead of raising.
         keep_crowd: also put ``iscrowd=1`` annotations in the training targets. By default they
             are left out of targets (as in DETR: a crowd region is not one object) but always
@@ -59,8 +62,11 @@ class CocoDetection(DetectionDataset):
     Raised at construction (:class:`DatasetError`): missing/malformed JSON, wrong structure,
     duplicate ids or category names, missing image file, annotation with an unknown image or
     category id, a ``bbox`` that is not 4 finite numbers or has non-positive width/height, or
-    lies entirely outside its image. Raised at load time: unreadable/corrupt image, or an image
-    whose decoded size differs from the ``width``/``height`` in the file.
+    lies entirely outside its image. Raised at load time: unreadable/corrupt image or one in a
+    pixel mode with no RGB reading (:class:`~ka_rs.data.base.ImageDecodeError`), or an image
+    whose displayed size (after its EXIF orientation: annotations are taken to be made on the
+    upright image, as detectron2 does) differs from the ``width``/``height`` in the file. A
+    missing ``width``/``height`` is read from the image header, EXIF orientation applied.
 
     Item target (after transforms see :mod:`ka_rs.data.transforms`): ``boxes`` (clipped to the
     image), ``labels``, ``image_id`` (the file's image id), ``orig_size``, ``size``,
@@ -192,11 +198,10 @@ class CocoDetection(DetectionDataset):
                 self._fail(item, "image file not found", "image", file=path)
                 continue
             if w is None or h is None:
-                try:  # header only: cheap
-                    with Image.open(path) as im:
-                        w, h = im.size
-                except (OSError, ValueError, SyntaxError) as e:
-                    self._fail(item, f"cannot read image header: {e}", "image", file=path)
+                try:  # header only: cheap; the displayed (EXIF-oriented) size
+                    w, h = read_image_size(path, item)
+                except DatasetError as e:
+                    self._fail(item, e.problem, "image", file=path)
                     continue
             if not (_is_int(w) and _is_int(h) and w > 0 and h > 0):
                 self._fail(item, f"invalid width/height {w!r}/{h!r}", "image")
@@ -288,21 +293,16 @@ class CocoDetection(DetectionDataset):
             f"images={len(self)}, classes={len(self.class_names)})"
         )
 
-    def load(self, index: int) -> tuple[Image.Image, Target]:
-        """Raw item: ``(PIL RGB image, target with absolute xyxy boxes)``."""
+    def load(self, index: int) -> tuple[DecodedImage, Target]:
+        """Raw item: ``(RGB image, target with absolute xyxy boxes)``; the image is a PIL
+        ``"RGB"`` image, or a float32 ``(3, H, W)`` tensor in [0, 1] for 16-bit / float files
+        (:mod:`ka_rs.data.images`), upright per its EXIF orientation."""
         iid = self.ids[index]
         info = self.coco.imgs[iid]
         item = f"image id {iid}"
         path = self.image_dir / info["file_name"]
-        image = load_rgb_image(path, item)
         w, h = info["width"], info["height"]
-        if image.size != (w, h):
-            raise DatasetError(
-                path,
-                item,
-                f"decoded size {image.size[0]}x{image.size[1]} differs from the annotation "
-                f"file's width x height {w}x{h}",
-            )
+        image = load_rgb_image(path, item, (w, h), "the annotation file's width x height")
         anns = [a for a in self.coco.imgToAnns.get(iid, []) if self.keep_crowd or not a["iscrowd"]]
         target = empty_target(iid, h, w)
         if anns:

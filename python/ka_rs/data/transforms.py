@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .base import Target, Transform
+from .images import to_rgb
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -219,11 +220,16 @@ class RandomResize:
 def _to_array(image: Image_) -> np.ndarray:
     """A new float32 ``(3, H, W)`` array (safe to modify in place) in [0, 1] for PIL / uint8.
 
+    A PIL image that is not ``"RGB"`` is mapped by :func:`ka_rs.data.images.to_rgb` (16-bit
+    scaled by 65535, alpha composited on white, ...; ``ValueError`` for modes it refuses).
     Pixel arithmetic runs in numpy, single-threaded: torch's intra-op thread pool costs more
     than it saves on images this small, badly so on a busy machine.
     """
     if isinstance(image, Image.Image):
-        arr = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+        rgb = image if image.mode == "RGB" else to_rgb(image)
+        if isinstance(rgb, torch.Tensor):  # a new float image in [0, 1] (16-bit / float source)
+            return rgb.numpy()
+        arr = np.asarray(rgb)
         out = np.empty((3, arr.shape[0], arr.shape[1]), dtype=np.float32)
         np.multiply(arr.transpose(2, 0, 1), np.float32(1.0 / 255.0), out=out)
         return out
@@ -242,7 +248,8 @@ def _to_tensor(image: Image_) -> torch.Tensor:
 
 
 class ToTensor:
-    """PIL image (or uint8 tensor) -> float32 ``(3, H, W)`` in [0, 1]; float tensors pass."""
+    """PIL image (any mode :func:`ka_rs.data.images.to_rgb` reads) or uint8 tensor -> float32
+    ``(3, H, W)`` in [0, 1]; float tensors pass."""
 
     def __call__(self, image: Image_, target: Target) -> tuple[torch.Tensor, Target]:
         """Convert the image; the target is unchanged."""

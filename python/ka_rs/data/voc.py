@@ -15,8 +15,10 @@ COCO evaluation then neither rewards nor penalises detections of them, the analo
 a slightly more lenient criterion than VOC's IoU.)
 
 All XML files are parsed and validated when the dataset is built; images are decoded with
-Pillow at load time. Problems raise :class:`~ka_rs.data.base.DatasetError` naming the file and
-the image id (and object index), unless ``skip_invalid=True`` (log + ``.skipped``).
+Pillow at load time, upright per their EXIF orientation (``<size>`` and the boxes are taken to
+be those of the upright image; :mod:`ka_rs.data.images`). Problems raise
+:class:`~ka_rs.data.base.DatasetError` naming the file and the image id (and object index),
+unless ``skip_invalid=True`` (log + ``.skipped``).
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 
 from .base import (
     DatasetError,
@@ -37,9 +38,9 @@ from .base import (
     Target,
     Transform,
     empty_target,
-    load_rgb_image,
     logger,
 )
+from .images import DecodedImage, load_rgb_image, read_image_size
 
 __all__ = ["VOC_CLASSES", "VocDetection"]
 
@@ -83,7 +84,9 @@ class VocDetection(DetectionDataset):
         image_set: name of the list in ``ImageSets/Main`` (``"trainval"``, ``"train"``,
             ``"val"``, ``"test"``, ...).
         transforms: callable ``(image, target) -> (image, target)``; without it an item is
-            ``(PIL RGB image, raw target)`` with absolute xyxy boxes.
+            ``(RGB image, raw target)`` with absolute xyxy boxes; the image is PIL ``"RGB"``,
+            or a float ``(3, H, W)`` tensor in [0, 1] for 16-bit / float files
+            (:mod:`ka_rs.data.images` has the table of pixel modes).
         skip_invalid: log and skip bad images / objects instead of raising.
         class_names: label order; default :data:`VOC_CLASSES`. An object whose ``<name>`` is not
             in it is an error ("unknown class").
@@ -174,12 +177,11 @@ class VocDetection(DetectionDataset):
             h = int(float(_text(size, "height") or "nan")) if size is not None else 0
         except ValueError:
             w = h = 0
-        if w <= 0 or h <= 0:  # missing or unusable <size>: read the image header
+        if w <= 0 or h <= 0:  # missing or unusable <size>: the header's displayed size
             try:
-                with Image.open(image_path) as im:
-                    w, h = im.size
-            except (OSError, ValueError, SyntaxError) as e:
-                self._fail(image_path, item, f"cannot read image header: {e}", "image")
+                w, h = read_image_size(image_path, item)
+            except DatasetError as e:
+                self._fail(image_path, item, e.problem, "image")
                 return None, 0
 
         boxes: list[list[float]] = []
@@ -257,19 +259,14 @@ class VocDetection(DetectionDataset):
             f"images={len(self)})"
         )
 
-    def load(self, index: int) -> tuple[Image.Image, Target]:
-        """Raw item: ``(PIL RGB image, target with absolute xyxy boxes)``."""
+    def load(self, index: int) -> tuple[DecodedImage, Target]:
+        """Raw item: ``(RGB image, target with absolute xyxy boxes)``; the image is a PIL
+        ``"RGB"`` image, or a float32 ``(3, H, W)`` tensor in [0, 1] for 16-bit / float files
+        (:mod:`ka_rs.data.images`), upright per its EXIF orientation."""
         rec = self._records[index]
         item = f"image id {self.image_names[index]!r}"
-        image = load_rgb_image(rec["path"], item)
         w, h = rec["width"], rec["height"]
-        if image.size != (w, h):
-            raise DatasetError(
-                rec["path"],
-                item,
-                f"decoded size {image.size[0]}x{image.size[1]} differs from the XML's "
-                f"<size> {w}x{h}",
-            )
+        image = load_rgb_image(rec["path"], item, (w, h), "the XML's <size>")
         target = empty_target(index + 1, h, w)
         if rec["boxes"]:
             boxes = torch.tensor(rec["boxes"], dtype=torch.float32)
