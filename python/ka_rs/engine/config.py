@@ -116,6 +116,10 @@ class OptimConfig:
     ``"minute"`` of training time, evaluation excluded, for time-budgeted runs) at which every
     learning rate is multiplied by ``lr_gamma`` (one milestone = DETR's StepLR); empty =
     constant. ``lr_backbone = 0`` freezes the backbone. ``clip_max_norm = 0`` disables clipping.
+    ``fused``: ``"auto"`` uses torch's fused AdamW kernel where this torch supports it for
+    the device (CPU and CUDA), ``"on"`` requires it, ``"off"`` uses the default (foreach)
+    implementation. The fused kernel rounds differently, so ``"auto"`` / ``"on"`` runs differ
+    from ``"off"`` runs in the last bits.
     """
 
     lr: float = 1e-4
@@ -125,6 +129,7 @@ class OptimConfig:
     lr_drop: list[int | float] = field(default_factory=list)
     lr_drop_unit: str = "epoch"
     lr_gamma: float = 0.1
+    fused: str = "auto"
 
 
 @dataclass
@@ -140,6 +145,9 @@ class TrainConfig:
     every epoch end when that is 0, and at the end. ``num_threads`` sets torch's intra-op CPU
     threads for the run (0 = torch's default, one per core); on a machine shared with other
     jobs, 1 thread (or ``OMP_WAIT_POLICY=PASSIVE``) avoids OpenMP spin-wait slowdowns.
+    ``amp`` is the mixed-precision mode of training and evaluation (:mod:`ka_rs.engine.amp`):
+    ``"off"`` (float32), ``"bf16"`` (model forwards under bfloat16 autocast, attention and
+    losses in float32) or ``"fp16"`` (float16 autocast plus loss scaling).
     """
 
     batch_size: int = 16
@@ -159,6 +167,7 @@ class TrainConfig:
     device: str = "auto"
     progress: bool = True
     plot: bool = True
+    amp: str = "off"
 
 
 @dataclass
@@ -393,6 +402,9 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
 _CHOICES = {
     ("data", "source"): ("shapes", "coco", "voc"),
     ("optim", "lr_drop_unit"): ("epoch", "step", "minute"),
+    ("optim", "fused"): ("auto", "on", "off"),
+    # = ka_rs.engine.amp.AMP_MODES (kept literal: loading a config does not import torch)
+    ("train", "amp"): ("off", "bf16", "fp16"),
 }
 
 

@@ -18,7 +18,8 @@ model's classes and over each named subset (e.g. each teacher's classes), plus `
 per class. Subset and union numbers are averaged from one COCOeval precision array, exactly as
 ``COCOeval.summarize`` averages them. A value of ``-1`` means no ground truth (COCO's convention).
 Under ``torchrun`` each rank predicts its shard and rank 0 scores the gathered predictions; every
-rank returns the same :class:`EvalResult`.
+rank returns the same :class:`EvalResult`. With ``amp="bf16"`` / ``"fp16"`` the model forward runs
+under autocast (:mod:`ka_rs.engine.amp`) and the post-processing in float32.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ka_rs.engine.amp import autocast, validate_amp
 from ka_rs.engine.distributed import (
     DistInfo,
     InferenceSampler,
@@ -369,6 +371,7 @@ def evaluate(
     class_head: str | None = None,
     progress: bool = False,
     description: str = "evaluating",
+    amp: str = "off",
 ) -> EvalResult:
     """Run ``model`` over ``data_loader`` and compute COCO AP / AP50 / AP75.
 
@@ -388,9 +391,14 @@ def evaluate(
         class_head: ``"softmax"`` / ``"sigmoid"``; default from ``model.config.class_head``.
         progress: show a rich progress bar (rank 0).
         description: progress-bar label.
+        amp: ``"off"`` (float32), ``"bf16"`` or ``"fp16"``: the model forward runs under
+            :func:`ka_rs.engine.amp.autocast`; scores and boxes are post-processed in float32.
 
     Returns:
         The same :class:`EvalResult` on every rank.
+
+    Raises:
+        ValueError: ``amp`` is not a mode or cannot run on ``device``.
     """
     import torch.distributed as dist
 
@@ -402,6 +410,7 @@ def evaluate(
         except StopIteration:
             device = torch.device("cpu")
     device = torch.device(device)
+    validate_amp(amp, key="amp")
     if coco_gt is None:
         dataset = getattr(data_loader, "dataset", None)
         if dataset is None:
@@ -424,11 +433,13 @@ def evaluate(
                 images, mask, targets = batch
                 images = images.to(device, non_blocking=True)
                 mask = mask.to(device, non_blocking=True) if mask is not None else None
-                out = net(images, mask)
-                logits = out["pred_logits"]
+                with autocast(amp, device):
+                    out = net(images, mask)
+                logits = out["pred_logits"].float()  # post-processing in float32
+                boxes = out["pred_boxes"].float()
                 head = class_head or _class_head(net, logits.shape[-1], len(class_names))
                 orig = torch.stack([torch.as_tensor(t["orig_size"]) for t in targets])
-                dets = postprocess(logits, out["pred_boxes"], orig.to(device), head, max_dets)
+                dets = postprocess(logits, boxes, orig.to(device), head, max_dets)
                 for d, t in zip(dets, targets, strict=True):
                     iid = int(t["image_id"])
                     image_ids.append(iid)

@@ -9,6 +9,11 @@ What is trained is given as a ``loss_fn(model, images, mask, targets) -> dict`` 
 :class:`~ka_rs.losses.SetCriterion` and COCO evaluation. The amalgamation engine plugs in a
 student and its losses the same way.
 
+Mixed precision (``train.amp``, :mod:`ka_rs.engine.amp`): the ``loss_fn`` runs its model
+forwards under :func:`ka_rs.engine.amp.autocast` and its losses in float32 on
+:func:`~ka_rs.engine.amp.float_outputs`; the loop owns the fp16 gradient scaler (scaled
+backward, unscale before clipping, scaled step, update; its state is checkpointed).
+
 Run folder (``train.output_dir``)::
 
     config.toml          the exact config (rerun with --config)
@@ -39,6 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ka_rs.engine.amp import autocast, check_amp, float_outputs, make_grad_scaler, validate_amp
 from ka_rs.engine.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -88,6 +94,8 @@ Batch = tuple[torch.Tensor, torch.Tensor, list[dict[str, Any]]]
 #: ``loss_fn(model, images, mask, targets) -> {"loss": total, **components}``
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, list[dict[str, Any]]], dict[str, Any]]
 CHECKPOINT_NAME = "checkpoint.pt"
+#: checkpoint entry holding the fp16 GradScaler's state (``train.amp = "fp16"`` only)
+SCALER_KEY = "grad_scaler"
 
 
 @dataclass
@@ -127,7 +135,9 @@ def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
     """AdamW with two parameter groups: backbone (``lr_backbone``) and the rest (``lr``).
 
     Parameters whose name contains ``"backbone"`` go to the backbone group; with
-    ``lr_backbone = 0`` they are frozen (``requires_grad = False``) instead.
+    ``lr_backbone = 0`` they are frozen (``requires_grad = False``) instead. ``optim.fused``
+    picks torch's fused AdamW kernel: ``"auto"`` where torch supports it for these parameters
+    (else the default implementation), ``"on"`` or an error, ``"off"`` never.
     """
     net = unwrap_model(model)
     backbone, rest = [], []
@@ -142,6 +152,14 @@ def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
     groups: list[dict[str, Any]] = [{"params": rest, "lr": optim.lr, "name": "main"}]
     if backbone:
         groups.append({"params": backbone, "lr": optim.lr_backbone, "name": "backbone"})
+    if optim.fused != "off":
+        try:
+            return torch.optim.AdamW(
+                groups, lr=optim.lr, weight_decay=optim.weight_decay, fused=True
+            )
+        except RuntimeError as exc:  # a device / dtype the fused kernel does not support
+            if optim.fused == "on":
+                raise ValueError(f"optim.fused='on': {exc}") from None
     return torch.optim.AdamW(groups, lr=optim.lr, weight_decay=optim.weight_decay)
 
 
@@ -191,7 +209,16 @@ class TrainLoop:
         train_dataset: map-style dataset of ``(image, target)``; wrapped in
             :class:`SeededDataset` so augmentation depends on (seed, epoch, index) only.
         loss_fn: ``(model, images, mask, targets) -> {"loss": Tensor, **components}``; targets
-            are already on the device. Components may be tensors or floats.
+            are already on the device. Components may be tensors or floats. **Mixed-precision
+            contract** (``train.amp`` != ``"off"``): the loop does not autocast anything
+            itself. ``loss_fn`` must run each model forward (the trained model's and any
+            frozen teacher's) inside ``ka_rs.engine.amp.autocast(train.amp, device)``, pass the
+            outputs through ``ka_rs.engine.amp.float_outputs`` and compute every loss outside
+            the autocast region, so that ``"loss"`` is a float32 tensor. The loop does the
+            rest: with ``"fp16"`` it owns a :class:`torch.amp.GradScaler` (``self.scaler``,
+            None otherwise) and runs scaled backward -> unscale -> gradient clipping on the
+            true gradients -> ``scaler.step`` (skipped when a gradient is inf/NaN) ->
+            ``scaler.update``, and saves / restores the scaler's state in checkpoints.
         optim / train: config sections.
         class_names: stored in checkpoints (the model's label order).
         config_dict: the whole run config as a plain dict (stored in checkpoints / config.toml).
@@ -204,6 +231,10 @@ class TrainLoop:
         extra_checkpoint: ``() -> dict`` of extra plain entries saved in each checkpoint.
         find_unused_parameters: passed to DDP (True when some trainable parameters may get
             no gradient in a step).
+
+    Raises:
+        ValueError: ``train.amp`` is not a mode, or torch's autocast cannot run it on
+            ``info.device`` (:func:`ka_rs.engine.amp.check_amp`).
     """
 
     def __init__(
@@ -239,6 +270,10 @@ class TrainLoop:
         self.extra_checkpoint = extra_checkpoint
         self.output_dir = Path(train.output_dir)
         self.checkpoint_path = self.output_dir / CHECKPOINT_NAME
+        self.amp = validate_amp(train.amp)
+        check_amp(self.amp, self.info.device)
+        #: the fp16 loss scaler (None unless ``train.amp == "fp16"``)
+        self.scaler = make_grad_scaler(self.amp, self.info.device)
         self.model = wrap_ddp(model, self.info, find_unused_parameters=find_unused_parameters)
         self.optimizer = optimizer or build_optimizer(self.model, optim)
         self.scheduler = build_scheduler(self.optimizer, optim)
@@ -287,13 +322,20 @@ class TrainLoop:
                 images_seen=st.images_seen,
                 metrics=st.last_eval,
                 kind=self.kind,
-                extra=self.extra_checkpoint() if self.extra_checkpoint else None,
+                extra=self._checkpoint_extra(),
             )
         barrier()
         return path if self.info.is_main else None
 
+    def _checkpoint_extra(self) -> dict[str, Any] | None:
+        extra = dict(self.extra_checkpoint()) if self.extra_checkpoint else {}
+        if self.scaler is not None:
+            extra[SCALER_KEY] = self.scaler.state_dict()
+        return extra or None
+
     def resume(self, path: str | Path) -> None:
-        """Restore model, optimiser, scheduler, loop position and RNG states from ``path``."""
+        """Restore model, optimiser, scheduler, loop position, RNG states and (fp16) the
+        gradient scaler from ``path``."""
         ckpt = load_checkpoint(path, map_location=self.info.device)
         if ckpt.get("kind") != self.kind:
             raise CheckpointError(
@@ -331,6 +373,15 @@ class TrainLoop:
         )
         if "rng" in ckpt:
             restore_rng_state(ckpt["rng"])
+        if self.scaler is not None:
+            if SCALER_KEY in ckpt:
+                self.scaler.load_state_dict(ckpt[SCALER_KEY])
+            elif self.info.is_main:
+                log.warning(
+                    "checkpoint %s has no gradient-scaler state (written without "
+                    "train.amp='fp16'); the fp16 loss scale starts afresh",
+                    path,
+                )
         if self.info.is_main:
             log.info(
                 "resumed from %s: step %d, epoch %d (+%d batches), %.2f training minutes",
@@ -375,7 +426,8 @@ class TrainLoop:
         """Forward + backward on ``batch`` (gradients averaged over ranks by DDP), no step.
 
         Returns the loss components as floats. Raises ``FloatingPointError`` naming the step
-        when the loss is not finite.
+        when the loss is not finite. With ``train.amp = "fp16"`` the gradients are left
+        multiplied by the scaler's scale (:meth:`train_step` unscales them).
         """
         images, mask, targets = batch
         dev = self.info.device
@@ -394,15 +446,30 @@ class TrainLoop:
                 f"(components: {comps})"
             )
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()  # gradients stay scaled until train_step
+        else:
+            loss.backward()
         return comps
 
     def train_step(self, batch: Batch) -> tuple[dict[str, float], float]:
-        """One optimiser step on ``batch``; returns (loss components as floats, grad norm)."""
+        """One optimiser step on ``batch``; returns (loss components as floats, grad norm).
+
+        With the fp16 scaler the gradients are unscaled before clipping (the norm and the clip
+        see the true gradients), the step is skipped when any gradient is inf/NaN (the norm is
+        then inf/NaN) and the scale is updated; ``grad_scale`` is added to the components.
+        """
         comps = self.compute_gradients(batch)
         max_norm = self.optim_cfg.clip_max_norm if self.optim_cfg.clip_max_norm > 0 else math.inf
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            comps["grad_scale"] = float(self.scaler.get_scale())
+        else:
+            self.optimizer.step()
         return comps, float(grad_norm)
 
     def run_evaluation(self) -> dict[str, float]:
@@ -779,10 +846,14 @@ def build_teacher_loop(config: Config, info: DistInfo) -> TrainLoop:
     model.to(info.device)
     criterion = build_criterion(model.config).to(info.device)
 
+    amp = config.train.amp
+
     def loss_fn(
         net: nn.Module, images: torch.Tensor, mask: torch.Tensor, targets: list[dict]
     ) -> dict[str, Any]:
-        losses = criterion(net(images, mask), targets)
+        with autocast(amp, images.device):  # forward only; the losses run in float32
+            out = net(images, mask)
+        losses = criterion(float_outputs(out), targets)
         # log the total and the final layer's components (not every auxiliary layer's)
         return {k: v for k, v in losses.items() if not k[-1].isdigit()}
 
@@ -792,7 +863,7 @@ def build_teacher_loop(config: Config, info: DistInfo) -> TrainLoop:
     val_loader.generator = torch.Generator().manual_seed(config.train.seed)
 
     def evaluate_fn(loop: TrainLoop) -> dict[str, float]:
-        res = evaluate(loop.model, val_loader, class_names, device=info.device)
+        res = evaluate(loop.model, val_loader, class_names, device=info.device, amp=amp)
         loop.last_eval_result = res
         return res.metrics
 

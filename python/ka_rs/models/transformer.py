@@ -16,6 +16,14 @@ DETR. The encoder returns every layer's output (before the final norm: the hook 
 sequence-level amalgamation) and the memory (after it). The decoder returns every layer's
 output after the shared final norm (for auxiliary losses). :class:`AnchorDecoder` is the
 decoder of the ``"anchor"`` variant: each query carries a box that every layer refines.
+
+**Mixed precision.** Every attention goes through :func:`attention`. Without autocast it calls
+the ``nn.MultiheadAttention`` module as is (float32 results are unchanged, bit for bit). Under
+:func:`torch.autocast` (``train.amp = "bf16"`` / ``"fp16"``, :mod:`ka_rs.engine.amp`) it
+computes the same thing from the module's parameters with the q/k/v input projections and the
+output projection under autocast (low precision), but the attention itself (q·kᵀ, mask, softmax,
+·v) in float32 with autocast disabled: bf16 attention loses accuracy in the softmax and, on
+CPUs, its backward is about twice as slow as float32's. State-dict keys do not change.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ __all__ = [
     "TransformerDecoderLayer",
     "TransformerEncoder",
     "TransformerEncoderLayer",
+    "attention",
     "inverse_sigmoid",
 ]
 
@@ -74,6 +83,125 @@ def _with_pos(x: Tensor, pos: Tensor | None) -> Tensor:
     return x if pos is None else x + pos
 
 
+def attention(
+    mha: nn.MultiheadAttention,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    key_padding_mask: Tensor | None = None,
+    attn_mask: Tensor | None = None,
+) -> Tensor:
+    """Batch-first multi-head attention through ``mha``'s parameters; returns (B, L, d).
+
+    Args:
+        mha: a batch-first ``nn.MultiheadAttention`` (its weights, heads and dropout are used).
+        query: (B, L, d); key, value: (B, S, d).
+        key_padding_mask: (B, S) bool (True = ignored key) or float (added), or None.
+        attn_mask: (L, S) or (B·nhead, L, S), bool (True = forbidden) or float (added to the
+            logits), or None.
+
+    Without autocast this is ``mha(query, key, value, ..., need_weights=False)[0]``, unchanged.
+    Under autocast the projections run under autocast and the attention core in float32
+    (see the module docstring); the result is in the autocast dtype, as
+    ``nn.MultiheadAttention`` would return it.
+    """
+    if not torch.is_autocast_enabled(query.device.type) or not _plain_mha(mha):
+        return mha(
+            query,
+            key,
+            value,
+            key_padding_mask=key_padding_mask,
+            attn_mask=attn_mask,
+            need_weights=False,
+        )[0]
+    return _attention_fp32_core(mha, query, key, value, key_padding_mask, attn_mask)
+
+
+def _plain_mha(mha: nn.MultiheadAttention) -> bool:
+    """Whether :func:`_attention_fp32_core` can reproduce ``mha`` (batch-first, packed q/k/v
+    projection, no bias_k / bias_v / zero attention) -- every attention of these models."""
+    return bool(
+        mha.batch_first
+        and mha._qkv_same_embed_dim
+        and mha.in_proj_weight is not None
+        and mha.bias_k is None
+        and mha.bias_v is None
+        and not mha.add_zero_attn
+    )
+
+
+def _merged_mask(
+    key_padding_mask: Tensor | None,
+    attn_mask: Tensor | None,
+    batch: int,
+    heads: int,
+    q_len: int,
+    k_len: int,
+    device: torch.device,
+) -> Tensor | None:
+    """One float32 additive mask broadcastable to (B, nhead, L, S) (-inf = forbidden)."""
+    mask: Tensor | None = None
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            mask = torch.zeros(attn_mask.shape, dtype=torch.float32, device=device)
+            mask = mask.masked_fill(attn_mask, float("-inf"))
+        else:
+            mask = attn_mask.float()
+        if mask.dim() == 3:
+            mask = mask.view(batch, heads, q_len, k_len)
+    if key_padding_mask is not None:
+        pad = key_padding_mask.view(batch, 1, 1, k_len)
+        if pad.dtype == torch.bool:
+            pad = torch.zeros(pad.shape, dtype=torch.float32, device=device).masked_fill(
+                pad, float("-inf")
+            )
+        mask = pad.float() if mask is None else mask + pad.float()
+    return mask
+
+
+def _attention_fp32_core(
+    mha: nn.MultiheadAttention,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    key_padding_mask: Tensor | None,
+    attn_mask: Tensor | None,
+) -> Tensor:
+    """``mha``'s computation with its attention core (scores, softmax, ·v) in float32 and
+    autocast disabled; the projections run in whatever precision is current (see
+    :func:`attention`)."""
+    b, q_len, d = query.shape
+    k_len = key.shape[1]
+    h = mha.num_heads
+    w, bias = mha.in_proj_weight, mha.in_proj_bias
+    w_q, w_k, w_v = w.chunk(3)
+    b_q, b_k, b_v = bias.chunk(3) if bias is not None else (None, None, None)
+    if query is key:  # self-attention: one projection for q and k
+        q, k = F.linear(query, w[: 2 * d], None if bias is None else bias[: 2 * d]).chunk(2, -1)
+    else:
+        q, k = F.linear(query, w_q, b_q), F.linear(key, w_k, b_k)
+    v = F.linear(value, w_v, b_v)
+
+    def split_heads(x: Tensor, length: int) -> Tensor:  # (B, n, d) -> (B, nhead, n, d/nhead)
+        return x.reshape(b, length, h, d // h).transpose(1, 2).float()
+
+    mask = _merged_mask(key_padding_mask, attn_mask, b, h, q_len, k_len, query.device)
+    dropout_p = mha.dropout if mha.training else 0.0
+    dev = query.device.type
+    with torch.autocast(dev, enabled=False):
+        out = F.scaled_dot_product_attention(
+            split_heads(q, q_len),
+            split_heads(k, k_len),
+            split_heads(v, k_len),
+            attn_mask=mask,
+            dropout_p=dropout_p,
+        )
+    out = out.transpose(1, 2).reshape(b, q_len, d)
+    if torch.is_autocast_enabled(dev):
+        out = out.to(torch.get_autocast_dtype(dev))
+    return F.linear(out, mha.out_proj.weight, mha.out_proj.bias)
+
+
 class TransformerEncoderLayer(nn.Module):
     """Self-attention + feed-forward block over tokens ``(B, S, d)``.
 
@@ -106,9 +234,7 @@ class TransformerEncoderLayer(nn.Module):
         self, x: Tensor, pos: Tensor | None, padding: Tensor | None, attn_mask: Tensor | None
     ) -> Tensor:
         q = k = _with_pos(x, pos)
-        out = self.self_attn(
-            q, k, x, key_padding_mask=padding, attn_mask=attn_mask, need_weights=False
-        )[0]
+        out = attention(self.self_attn, q, k, x, key_padding_mask=padding, attn_mask=attn_mask)
         return self.dropout(out)
 
     def _ffn(self, x: Tensor) -> Tensor:
@@ -205,7 +331,7 @@ class TransformerDecoderLayer(nn.Module):
 
     def _self(self, x: Tensor, query_pos: Tensor | None) -> Tensor:
         q = k = _with_pos(x, query_pos)
-        return self.dropout(self.self_attn(q, k, x, need_weights=False)[0])
+        return self.dropout(attention(self.self_attn, q, k, x))
 
     def _cross(
         self,
@@ -223,14 +349,14 @@ class TransformerDecoderLayer(nn.Module):
             pad = padding[:, None, None, :].expand(b, self.cross_attn.num_heads, q, s)
             bias = bias.masked_fill(pad.reshape(-1, q, s), float("-inf"))
             padding = None
-        out = self.cross_attn(
+        out = attention(
+            self.cross_attn,
             _with_pos(x, query_pos),
             _with_pos(memory, memory_pos),
             memory,
             key_padding_mask=padding,
             attn_mask=bias,
-            need_weights=False,
-        )[0]
+        )
         return self.dropout(out)
 
     def _ffn(self, x: Tensor) -> Tensor:
