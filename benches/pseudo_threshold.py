@@ -21,8 +21,8 @@ import argparse
 from typing import Any
 
 import torch
+from ka_rs.demo import eval_dataset, evaluate_on_test, load_demo_config
 from ka_rs.engine.amalgamate import load_teachers
-from ka_rs.engine.demo import eval_dataset, evaluate_on_test, load_demo_config
 from ka_rs.engine.evaluate import make_eval_loader
 from rich.console import Console
 from rich.table import Table

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 from ka_rs.cli import main
+from ka_rs.demo import DEMO_DEFAULTS, load_demo_config, teacher_key
 from ka_rs.engine.config import ConfigError
-from ka_rs.engine.demo import DEMO_DEFAULTS, load_demo_config, teacher_key
 
 try:  # Python >= 3.11
     import tomllib
@@ -116,7 +116,7 @@ def test_quick_demo_student_trains_data_parallel(quick_demo, tmp_path):
 
 
 def test_student_processes_setting():
-    from ka_rs.engine.demo import student_processes
+    from ka_rs.demo import student_processes
 
     assert student_processes(1, 16) == (1, torch.get_num_threads())
     assert student_processes(2, 16)[0] == 2
@@ -193,7 +193,8 @@ def test_cli_demo_bad_override_is_a_one_line_error(capsys):
 
 
 def test_a_failing_worker_names_its_job_and_log(tmp_path):
-    from ka_rs.engine.demo import Job, _job_train_teacher, run_jobs
+    from ka_rs.demo.jobs import Job, run_jobs
+    from ka_rs.demo.teachers import _job_train_teacher
 
     log = tmp_path / "train.log"
     job = Job(
@@ -226,7 +227,7 @@ def test_workers_exit_when_the_demo_process_dies(tmp_path):
 
     pidfile = tmp_path / "worker.pid"
     worker = (
-        "import os, time; from ka_rs.engine.demo import _exit_with_parent; "
+        "import os, time; from ka_rs.demo.jobs import _exit_with_parent; "
         f"_exit_with_parent(0.1); open({str(pidfile)!r}, 'w').write(str(os.getpid())); "
         "time.sleep(120)"
     )
@@ -252,3 +253,28 @@ def test_workers_exit_when_the_demo_process_dies(tmp_path):
         assert not _alive(worker_pid), "the worker outlived its parent"
     finally:
         proc.kill()
+
+
+def test_teacher_ensemble_skips_non_class_slots():
+    from ka_rs.demo import TeacherEnsemble
+    from ka_rs.teachers import Teacher
+
+    class Fixed(torch.nn.Module):
+        def __init__(self, logits):
+            super().__init__()
+            self.logits = torch.tensor(logits)
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, images, mask=None):
+            b = images.shape[0]
+            q = self.logits.shape[0]
+            return {"pred_logits": self.logits.expand(b, -1, -1), "pred_boxes": torch.rand(b, q, 4)}
+
+    # softmax heads: slots [a, None, b] + no-object, and [c] + no-object
+    t1 = Teacher(Fixed([[1.0, 2.0, 3.0, 4.0]]), ["a", None, "b"], "softmax", name="t1")
+    t2 = Teacher(Fixed([[5.0, 6.0]]), ["c"], "softmax", name="t2")
+    ens = TeacherEnsemble([t1, t2], ["a", "b", "c"])
+    out = ens(torch.zeros(2, 3, 8, 8))
+    assert out["pred_logits"].shape == (2, 2, 4) and out["pred_boxes"].shape == (2, 2, 4)
+    assert out["pred_logits"][0, 0].tolist() == [1.0, 3.0, -1e4, 4.0]  # the None slot is dropped
+    assert out["pred_logits"][0, 1].tolist() == [-1e4, -1e4, 5.0, 6.0]

@@ -93,7 +93,7 @@ def _default_output(prefix: str) -> Path:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Teachers (cached) -> label-free student -> evaluation, table, report, figures."""
-    from ka_rs.engine.demo import load_demo_config, run_demo
+    from ka_rs.demo import load_demo_config, run_demo
 
     _set_threads(args.threads)
     cfg = load_demo_config(args.config, args.overrides, quick=args.quick)
@@ -113,8 +113,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_ablate(args: argparse.Namespace) -> int:
     """The loss ablation on the demo's teachers and budget."""
-    from ka_rs.engine.ablate import VARIANTS, run_ablation
-    from ka_rs.engine.demo import load_demo_config
+    from ka_rs.demo import VARIANTS, load_demo_config, run_ablation
 
     _set_threads(args.threads)
     cfg = load_demo_config(args.config, args.overrides, quick=args.quick)
