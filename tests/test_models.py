@@ -446,8 +446,13 @@ def _torchvision_resnet_keys(depth: str) -> set[str]:
         torchvision = None
     if torchvision is not None:
         return set(getattr(torchvision.models, depth)(weights=None).state_dict())
-    bottleneck = depth == "resnet50"
-    counts = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3), "resnet50": (3, 4, 6, 3)}[depth]
+    bottleneck = depth in ("resnet50", "resnet101")
+    counts = {
+        "resnet18": (2, 2, 2, 2),
+        "resnet34": (3, 4, 6, 3),
+        "resnet50": (3, 4, 6, 3),
+        "resnet101": (3, 4, 23, 3),
+    }[depth]
     bn = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
     keys = {"conv1.weight", "fc.weight", "fc.bias", *(f"bn1.{s}" for s in bn)}
     for stage, count in enumerate(counts, start=1):
@@ -468,6 +473,7 @@ def _torchvision_resnet_keys(depth: str) -> set[str]:
         ("resnet18", 11_689_512, 513_000, 512),
         ("resnet34", 21_797_672, 513_000, 512),
         ("resnet50", 25_557_032, 2_049_000, 2048),
+        ("resnet101", 44_549_160, 2_049_000, 2048),
     ],
 )
 def test_resnet_state_dict_matches_torchvision(depth, torchvision_params, fc_params, channels):
@@ -503,6 +509,38 @@ def test_resnet_loads_a_torchvision_style_state_dict():
         ResNet("resnet34").load_torchvision_state_dict(tv)
     with pytest.raises(ValueError, match="shape"):
         ResNet("resnet18").load_torchvision_state_dict({**tv, "conv1.weight": torch.zeros(1)})
+
+
+def test_dilated_resnet_matches_torchvision_replace_stride_with_dilation():
+    """DC5: ResNet(depth, dilation=True) is torchvision's replace_stride_with_dilation=[F, F, T]
+    with the same weights (BatchNorm in eval mode = frozen BatchNorm, eps 1e-5)."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    tv = torchvision.models.resnet50(
+        weights=None, replace_stride_with_dilation=[False, False, True]
+    )
+    for m in tv.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data.uniform_(0.2, 0.5)
+            m.bias.data.normal_(0.0, 0.1)
+            m.running_mean.normal_(0.0, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    tv.eval()
+    ours = ResNet("resnet50", dilation=True)
+    ours.load_torchvision_state_dict(tv.state_dict())
+    x = torch.randn(1, 3, 64, 80)
+    with torch.no_grad():
+        y = tv.maxpool(tv.relu(tv.bn1(tv.conv1(x))))
+        y = tv.layer4(tv.layer3(tv.layer2(tv.layer1(y))))
+        out = ours(x)
+        plain = ResNet("resnet50")
+        plain.load_torchvision_state_dict(tv.state_dict())
+        undilated = plain(x)
+    assert out.shape == y.shape == (1, 2048, 4, 5) and ours.stride == 16
+    torch.testing.assert_close(out, y, atol=1e-5, rtol=1e-4)
+    assert undilated.shape == (1, 2048, 2, 3) and plain.stride == 32
+    with pytest.raises(ValueError, match="dilation"):
+        ResNet("resnet34", dilation=True)
 
 
 def test_backbone_mask_is_downsampled_to_the_feature_map():

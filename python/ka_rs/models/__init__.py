@@ -1,4 +1,4 @@
-"""ka_rs.models: DETR detectors (plain and anchor variants), backbones, presets, checkpoints.
+"""ka_rs.models: DETR detectors (plain and anchor variants), backbones, presets.
 
 Typical use::
 
@@ -17,7 +17,6 @@ from ka_rs.models.backbone import (
     build_backbone,
 )
 from ka_rs.models.detr import DETR, VARIANTS, DetrConfig, DetrOutput, EncoderInput, postprocess
-from ka_rs.models.detr_checkpoint import DETR_KEY_MAP, convert_detr_state_dict, load_detr_checkpoint
 from ka_rs.models.position import PositionEmbeddingSine, box_sine_embedding
 from ka_rs.models.presets import PRESETS, TRAINING_HINTS, build_model, preset_config
 from ka_rs.models.student import AmalgamationStudent, build_student, slot_attention_mask
@@ -35,7 +34,6 @@ from ka_rs.models.transformer import (
 __all__ = [
     "BACKBONES",
     "DETR",
-    "DETR_KEY_MAP",
     "MLP",
     "PRESETS",
     "TRAINING_HINTS",
@@ -59,9 +57,7 @@ __all__ = [
     "build_backbone",
     "build_model",
     "build_student",
-    "convert_detr_state_dict",
     "inverse_sigmoid",
-    "load_detr_checkpoint",
     "postprocess",
     "preset_config",
     "slot_attention_mask",

@@ -1,4 +1,4 @@
-"""CNN backbones: ResNet-18/34/50 with frozen BatchNorm, and a small CNN for CPU presets.
+"""CNN backbones: ResNet-18/34/50/101 with frozen BatchNorm, and a small CNN for CPU presets.
 
 Every backbone maps images ``(B, 3, H, W)`` to ONE feature map ``(B, C, H/s, W/s)`` (the last
 stage only, as in DETR) and downsamples the padding mask ``(B, H, W)`` (bool, True = padded
@@ -9,6 +9,15 @@ a bottleneck) and name their modules like torchvision (``conv1``, ``bn1``, ``lay
 ``layer4``), so the state dict of a torchvision ResNet weights file you own loads with
 :meth:`ResNet.load_torchvision_state_dict` (its ``fc.*`` classifier and BatchNorm
 ``num_batches_tracked`` counters are dropped). Nothing is downloaded.
+
+**Dilation (DC5).** ``ResNet(depth, dilation=True)`` is torchvision's
+``replace_stride_with_dilation=[False, False, True]`` (DETR's ``--dilation``, the "DC5" models):
+the last stage keeps the resolution of the one before, so the output stride is 16 instead of 32.
+In that stage the first block's 3×3 convolution and its 1×1 ``downsample`` shortcut have stride
+1 (the 3×3 keeps dilation 1, as torchvision gives the first block the previous dilation), and the
+3×3 convolutions of the other blocks have dilation 2 and padding 2. The weights and their shapes
+are those of the undilated ResNet: only the convolutions' stride / dilation / padding change.
+Only the bottleneck ResNets (50, 101) can be dilated, as in torchvision.
 
 BatchNorm is *frozen* (:class:`FrozenBatchNorm2d`: fixed affine transform from stored running
 statistics), as DETR does for pretrained ResNets. A ResNet trained from scratch therefore has no
@@ -27,6 +36,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "BACKBONES",
+    "DILATABLE",
     "Backbone",
     "FrozenBatchNorm2d",
     "ResNet",
@@ -76,8 +86,10 @@ class FrozenBatchNorm2d(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
-def _conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=False)
+def _conv3x3(in_ch: int, out_ch: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(
+        in_ch, out_ch, 3, stride=stride, padding=dilation, dilation=dilation, bias=False
+    )
 
 
 def _conv1x1(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
@@ -85,12 +97,14 @@ def _conv1x1(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
 
 
 class BasicBlock(nn.Module):
-    """ResNet-18/34 block: two 3×3 convolutions and a shortcut."""
+    """ResNet-18/34 block: two 3×3 convolutions and a shortcut (no dilated form)."""
 
     expansion = 1
 
-    def __init__(self, in_ch: int, width: int, stride: int = 1) -> None:
+    def __init__(self, in_ch: int, width: int, stride: int = 1, dilation: int = 1) -> None:
         super().__init__()
+        if dilation != 1:
+            raise ValueError("dilation: ResNet-18/34 basic blocks cannot be dilated")
         self.conv1 = _conv3x3(in_ch, width, stride)
         self.bn1 = FrozenBatchNorm2d(width)
         self.conv2 = _conv3x3(width, width)
@@ -110,16 +124,17 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """ResNet-50 block: 1×1 reduce, 3×3 (strided, v1.5), 1×1 expand ×4, and a shortcut."""
+    """ResNet-50/101 block: 1×1 reduce, 3×3 (strided, v1.5; optionally dilated), 1×1 expand ×4,
+    and a shortcut."""
 
     expansion = 4
 
-    def __init__(self, in_ch: int, width: int, stride: int = 1) -> None:
+    def __init__(self, in_ch: int, width: int, stride: int = 1, dilation: int = 1) -> None:
         super().__init__()
         out_ch = width * self.expansion
         self.conv1 = _conv1x1(in_ch, width)
         self.bn1 = FrozenBatchNorm2d(width)
-        self.conv2 = _conv3x3(width, width, stride)
+        self.conv2 = _conv3x3(width, width, stride, dilation)
         self.bn2 = FrozenBatchNorm2d(width)
         self.conv3 = _conv1x1(width, out_ch)
         self.bn3 = FrozenBatchNorm2d(out_ch)
@@ -142,37 +157,52 @@ _RESNET_SPECS: dict[str, tuple[type[BasicBlock] | type[Bottleneck], tuple[int, i
     "resnet18": (BasicBlock, (2, 2, 2, 2)),
     "resnet34": (BasicBlock, (3, 4, 6, 3)),
     "resnet50": (Bottleneck, (3, 4, 6, 3)),
+    "resnet101": (Bottleneck, (3, 4, 23, 3)),
 }
+
+#: the ResNets that can be dilated (bottleneck blocks, as in torchvision)
+DILATABLE = ("resnet50", "resnet101")
 
 
 class ResNet(nn.Module):
-    """ResNet body without the classifier; returns the last stage (stride 32).
+    """ResNet body without the classifier; returns the last stage (stride 32, or 16 dilated).
 
     Args:
-        depth: ``"resnet18"``, ``"resnet34"`` or ``"resnet50"``.
+        depth: ``"resnet18"``, ``"resnet34"``, ``"resnet50"`` or ``"resnet101"``.
+        dilation: DC5: dilate the last stage instead of striding it (see the module
+            docstring); ``"resnet50"`` / ``"resnet101"`` only.
 
     Attributes:
-        num_channels: channels of the output feature map (512, or 2048 for ResNet-50).
-        stride: total downsampling factor (32).
+        num_channels: channels of the output feature map (512, or 2048 for ResNet-50/101).
+        stride: total downsampling factor (32, or 16 with ``dilation``).
+        dilation: whether the last stage is dilated.
     """
 
-    stride = 32
-
-    def __init__(self, depth: str = "resnet50") -> None:
+    def __init__(self, depth: str = "resnet50", dilation: bool = False) -> None:
         super().__init__()
         if depth not in _RESNET_SPECS:
             raise ValueError(f"depth: expected one of {sorted(_RESNET_SPECS)}, got {depth!r}")
+        if dilation and depth not in DILATABLE:
+            raise ValueError(
+                f"dilation: only {list(DILATABLE)} can be dilated (bottleneck blocks), "
+                f"got {depth!r}"
+            )
         block, counts = _RESNET_SPECS[depth]
+        self.dilation = bool(dilation)
+        self.stride = 16 if self.dilation else 32
         self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
         self.bn1 = FrozenBatchNorm2d(64)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
         in_ch = 64
         stages = []
         for i, (width, count) in enumerate(zip((64, 128, 256, 512), counts, strict=True)):
+            dilate = self.dilation and i == 3  # DC5: the last stage trades stride for dilation
             blocks = []
             for j in range(count):
-                stride = 2 if (i > 0 and j == 0) else 1
-                blocks.append(block(in_ch, width, stride))
+                stride = 2 if (i > 0 and j == 0 and not dilate) else 1
+                # torchvision: the stage's first block keeps the previous dilation (1)
+                block_dilation = 2 if (dilate and j > 0) else 1
+                blocks.append(block(in_ch, width, stride, block_dilation))
                 in_ch = width * block.expansion
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
@@ -182,7 +212,8 @@ class ResNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: Tensor) -> Tensor:
-        """(B, 3, H, W) -> (B, num_channels, ceil(H/32), ceil(W/32))."""
+        """(B, 3, H, W) -> (B, num_channels, ~H/stride, ~W/stride) (ceil(H/32), or ceil(H/16)
+        dilated)."""
         x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
@@ -190,7 +221,8 @@ class ResNet(nn.Module):
         """Load the state dict of a torchvision ResNet of the same depth.
 
         ``fc.*`` (the ImageNet classifier) and ``*.num_batches_tracked`` entries are dropped;
-        every other key must match exactly.
+        every other key must match exactly. A dilated ResNet loads the same weights as the
+        undilated one (dilation changes no shape).
 
         Raises:
             ValueError: missing or unexpected keys, or a shape mismatch (wrong depth).
@@ -270,7 +302,7 @@ class SmallCNN(nn.Module):
 
 
 #: backbone names accepted by :func:`build_backbone` / ``DetrConfig.backbone``
-BACKBONES = ("resnet18", "resnet34", "resnet50", "small_cnn")
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "small_cnn")
 
 
 class Backbone(nn.Module):
@@ -279,6 +311,7 @@ class Backbone(nn.Module):
     Args:
         name: one of :data:`BACKBONES`.
         cnn_channels: stage widths of ``small_cnn`` (ignored by the ResNets).
+        dilation: DC5, a dilated last stage (output stride 16); ResNet-50/101 only.
 
     Attributes:
         body: the CNN (:class:`ResNet` or :class:`SmallCNN`); in a DETR its state-dict keys are
@@ -288,14 +321,21 @@ class Backbone(nn.Module):
     """
 
     def __init__(
-        self, name: str = "resnet50", cnn_channels: tuple[int, ...] = (32, 64, 128, 128)
+        self,
+        name: str = "resnet50",
+        cnn_channels: tuple[int, ...] = (32, 64, 128, 128),
+        dilation: bool = False,
     ) -> None:
         super().__init__()
         if name not in BACKBONES:
             raise ValueError(f"backbone: expected one of {list(BACKBONES)}, got {name!r}")
+        if dilation and name not in DILATABLE:
+            raise ValueError(
+                f"dilation: only the {list(DILATABLE)} backbones can be dilated, got {name!r}"
+            )
         self.name = name
         self.body: ResNet | SmallCNN
-        self.body = SmallCNN(cnn_channels) if name == "small_cnn" else ResNet(name)
+        self.body = SmallCNN(cnn_channels) if name == "small_cnn" else ResNet(name, dilation)
         self.num_channels = self.body.num_channels
         self.stride = self.body.stride
 
@@ -311,6 +351,8 @@ class Backbone(nn.Module):
         return features, small.to(torch.bool)
 
 
-def build_backbone(name: str, cnn_channels: tuple[int, ...] = (32, 64, 128, 128)) -> Backbone:
+def build_backbone(
+    name: str, cnn_channels: tuple[int, ...] = (32, 64, 128, 128), dilation: bool = False
+) -> Backbone:
     """The backbone called ``name`` (see :data:`BACKBONES`), randomly initialised."""
-    return Backbone(name, cnn_channels)
+    return Backbone(name, cnn_channels, dilation)

@@ -42,7 +42,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ka_rs.models.backbone import BACKBONES, Backbone
+from ka_rs.models.backbone import BACKBONES, DILATABLE, Backbone
 from ka_rs.models.position import PositionEmbeddingSine
 from ka_rs.models.transformer import MLP, AnchorDecoder, Transformer, inverse_sigmoid
 
@@ -67,7 +67,8 @@ class DetrConfig:
 
     Attributes:
         num_classes: C, the number of object classes (without "no object").
-        backbone: ``"resnet18"``, ``"resnet34"``, ``"resnet50"`` or ``"small_cnn"``.
+        backbone: ``"resnet18"``, ``"resnet34"``, ``"resnet50"``, ``"resnet101"`` or
+            ``"small_cnn"``.
         hidden_dim: token width d.
         nheads: attention heads (divides ``hidden_dim``).
         enc_layers: encoder layers.
@@ -99,6 +100,10 @@ class DetrConfig:
             when an image has fewer cells than queries.
             :class:`~ka_rs.losses.SetCriterion` trains the dense boxes on the tokens inside a
             ground-truth box.
+        dilation: DC5 backbone (DETR's ``--dilation``, torchvision's
+            ``replace_stride_with_dilation=[False, False, True]``): the last ResNet stage is
+            dilated instead of strided, so the output stride is 16, not 32 (4× the tokens).
+            ``"resnet50"`` / ``"resnet101"`` only; the weights are those of the plain ResNet.
     """
 
     num_classes: int
@@ -117,6 +122,7 @@ class DetrConfig:
     box_prior: bool = False
     dense_aux: bool = False
     two_stage: bool = False
+    dilation: bool = False
 
     def __post_init__(self) -> None:
         self.cnn_channels = tuple(int(c) for c in self.cnn_channels)
@@ -127,6 +133,13 @@ class DetrConfig:
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
         if self.backbone not in BACKBONES:
             raise ValueError(f"backbone: expected one of {list(BACKBONES)}, got {self.backbone!r}")
+        if not isinstance(self.dilation, bool):
+            raise ValueError(f"dilation: expected True or False, got {self.dilation!r}")
+        if self.dilation and self.backbone not in DILATABLE:
+            raise ValueError(
+                f"dilation: only the {list(DILATABLE)} backbones can be dilated (DC5), "
+                f"got backbone={self.backbone!r}"
+            )
         if self.variant not in VARIANTS:
             raise ValueError(f"variant: expected one of {list(VARIANTS)}, got {self.variant!r}")
         if self.hidden_dim % self.nheads or self.hidden_dim % 2:
@@ -267,7 +280,7 @@ class DETR(nn.Module):
         super().__init__()
         self.config = config
         d = config.hidden_dim
-        self.backbone = Backbone(config.backbone, config.cnn_channels)
+        self.backbone = Backbone(config.backbone, config.cnn_channels, config.dilation)
         self.position = PositionEmbeddingSine(d // 2)
         self.input_proj: nn.Module = nn.Conv2d(self.backbone.num_channels, d, kernel_size=1)
         self.transformer = Transformer(

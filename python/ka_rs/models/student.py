@@ -142,7 +142,10 @@ class AmalgamationStudent(DETR):
 
 
 def _stride(config: DetrConfig) -> int:
-    return 2 ** len(config.cnn_channels) if config.backbone == "small_cnn" else 32
+    """Output stride of ``config``'s backbone: 2^stages (small CNN), 16 (DC5 ResNet) or 32."""
+    if config.backbone == "small_cnn":
+        return 2 ** len(config.cnn_channels)
+    return 16 if config.dilation else 32
 
 
 def build_student(
