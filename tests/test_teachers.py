@@ -48,7 +48,7 @@ def test_teacher_is_frozen_and_stays_in_eval_mode():
     t = DetrTeacher(model, ["a", None, "c"], source="x")
     assert all(not p.requires_grad for p in t.parameters())
     t.train()
-    assert not t.model.training and not any(m.training for m in t.model.modules())
+    assert not t.training and not any(m.training for m in t.modules())
     assert t.classes == ("a", "c") and t.num_logits == 4 and t.head == "softmax"
     assert t.has_sequences and t.detr_config is model.config
     out = t(torch.randn(2, 3, 32, 32))

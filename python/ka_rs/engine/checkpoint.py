@@ -251,7 +251,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(
             f"checkpoint {str(p)!r} is a foreign file, not written by ka_rs "
             f"(format={ckpt.get('format')!r}, top-level keys: {keys}). For a "
-            "facebookresearch/detr checkpoint use ka_rs.models.load_detr_checkpoint."
+            "facebookresearch/detr file use the source detr:PATH (ka_rs.load_teacher)."
         )
     if int(ckpt["version"]) > CHECKPOINT_VERSION:
         raise CheckpointError(

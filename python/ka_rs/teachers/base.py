@@ -131,7 +131,7 @@ class Teacher(nn.Module):
         """No gradients, eval mode (called by the constructor; idempotent)."""
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.model.eval()
+        super().train(False)  # this wrapper and everything in it
         return self
 
     def train(self, mode: bool = True) -> Teacher:
