@@ -196,3 +196,62 @@ def test_engine_trains_with_a_ta_only_teacher_and_records_coverage(tmp_path, cap
     meta = load_checkpoint(res.checkpoint)["student"]
     assert meta["sa_teachers"] == ["teacher_a"] and meta["num_slots"] == 1
     assert load_student(res.checkpoint).model.num_slots == 1
+
+
+@pytest.mark.parametrize("builder", ["save_tiny_deformable_detr", "save_tiny_rt_detr"])
+def test_cli_amalgamates_with_a_hugging_face_ta_teacher(tmp_path, capfd, builder):
+    """`ka-rs amalgamate` with a ka_rs DETR teacher and a tiny transformers Deformable-DETR /
+    RT-DETR folder (a TA-only teacher run by transformers itself) trains two steps."""
+    pytest.importorskip("transformers")
+    import hf_models
+    from ka_rs.cli import main
+
+    path_a = tmp_path / "a.pt"
+    a = _detr("teacher_a", 0)
+    save_checkpoint(
+        path_a,
+        model=a.model,
+        class_names=list(a.class_names),
+        config={"model": {"preset": "anchor_tiny"}, "data": {"image_size": 32}},
+    )
+    hf_dir = getattr(hf_models, builder)(
+        tmp_path / "hf", {i: n for i, n in enumerate(SPLIT["teacher_b"])}
+    )
+    out = tmp_path / "run"
+    code = main(
+        [
+            "amalgamate",
+            "--teacher",
+            f"teacher_a={path_a}",
+            "--teacher",
+            f"teacher_b=hf:{hf_dir}",
+            "--set",
+            "data.num_train_images=4",
+            "--set",
+            "data.num_val_images=2",
+            "--set",
+            "data.image_size=32",
+            "--set",
+            "train.batch_size=2",
+            "--set",
+            "train.max_steps=2",
+            "--set",
+            "train.log_every_steps=1",
+            "--set",
+            "train.plot=false",
+            "--set",
+            "amalgamation.threshold=0.01",
+            "--output",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    captured = capfd.readouterr()
+    assert code == 0, captured.err
+    assert "SA covers teacher_a; TA-only: teacher_b" in captured.err
+    summary = json.loads(captured.out)
+    assert summary["step"] == 2 and summary["sa_coverage"].endswith("TA-only: teacher_b")
+    rows = read_metrics(out / "metrics.jsonl", "train")
+    assert len(rows) == 2 and all(r["pseudo_per_image"] > 0 for r in rows)
+    meta = load_checkpoint(out / "checkpoint.pt")["student"]
+    assert meta["teacher_checkpoints"]["teacher_b"] == f"hf:{hf_dir}"
