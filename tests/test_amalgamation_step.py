@@ -255,3 +255,18 @@ def test_cli_amalgamates_with_a_hugging_face_ta_teacher(tmp_path, capfd, builder
     assert len(rows) == 2 and all(r["pseudo_per_image"] > 0 for r in rows)
     meta = load_checkpoint(out / "checkpoint.pt")["student"]
     assert meta["teacher_checkpoints"]["teacher_b"] == f"hf:{hf_dir}"
+
+
+def test_step_under_bf16_autocast_gives_float32_losses_close_to_fp32():
+    teachers = [_detr("teacher_a", 0), _detr("teacher_b", 1)]
+    student = build_amalgamation_student(teachers, init_from="teacher_b")
+    images, mask, targets = _batch()
+    full = AmalgamationStep(teachers, student.config, threshold=0.05)(student, images, mask)
+    half = AmalgamationStep(teachers, student.config, threshold=0.05, amp="bf16")
+    out = half(student, images, mask)
+    assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"])
+    assert float(out["loss_sa"]) == pytest.approx(float(full["loss_sa"]), rel=0.1, abs=1e-3)
+    out["loss"].backward()
+    assert all(p.grad is None or p.grad.dtype == torch.float32 for p in student.parameters())
+    with pytest.raises(ValueError, match="amp"):
+        AmalgamationStep(teachers, student.config, amp="fp8")

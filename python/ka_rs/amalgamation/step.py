@@ -21,7 +21,6 @@ The method and every option are described in docs/method.md.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -29,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ka_rs.amalgamation.student import label_space_of, sa_teacher_indices
+from ka_rs.engine.amp import autocast, float_outputs, validate_amp
 from ka_rs.labels import LabelSpace, build_pseudo_targets
 from ka_rs.losses import (
     AggregationHintLoss,
@@ -122,7 +122,7 @@ class AmalgamationStep(nn.Module):
         self.student_config = student_config
         self.sa_teachers = sa_teacher_indices(teachers, student_config)
         self.options = opt
-        self.amp = amp
+        self.amp = validate_amp(amp, "amp")
         nms = opt["nms_iou"]
         self._pseudo_kwargs = {
             "kinds": [t.head for t in teachers],
@@ -195,7 +195,7 @@ class AmalgamationStep(nn.Module):
         """Every teacher's (float32) output on a batch, in teacher order."""
         outs = []
         for t in self.teachers:
-            with self._autocast(images.device):
+            with autocast(self.amp, images.device):
                 out = t(images, mask)
             outs.append(_float(out))
         return outs
@@ -221,7 +221,7 @@ class AmalgamationStep(nn.Module):
                     f"{len(self.teachers)} teachers"
                 )
             t_outs = teacher_outputs
-        with self._autocast(images.device):
+        with autocast(self.amp, images.device):
             out = student(images, mask)
         out = _float(out)
         w_amg = float(amalgamation_weight)
@@ -254,24 +254,15 @@ class AmalgamationStep(nn.Module):
         comps["loss"] = total
         return comps
 
-    def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager[Any]:
-        if self.amp == "off":
-            return contextlib.nullcontext()
-        from ka_rs.engine.amp import autocast
 
-        return autocast(self.amp, device)
-
-
-def _float(out: Any) -> Any:
-    """A model output with its floating tensors in float32 (losses run in float32)."""
+def _float(out: Any) -> DetrOutput:
+    """A model output as a :class:`DetrOutput` with its floating tensors in float32 (the
+    losses run in float32; tensors already in float32 are not copied)."""
     if not isinstance(out, DetrOutput):
         out = DetrOutput(
             pred_logits=out["pred_logits"],
             pred_boxes=out["pred_boxes"],
             aux_outputs=list(out.get("aux_outputs") or []),
         )
-    if out.pred_logits.dtype == torch.float32 and out.pred_boxes.dtype == torch.float32:
-        return out
-    from ka_rs.engine.amp import float_outputs
-
-    return float_outputs(out)
+    result: DetrOutput = float_outputs(out)
+    return result
