@@ -7,6 +7,7 @@ processor gives.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -124,7 +125,7 @@ def test_detr_auxiliary_loss_decoder(detr_dirs: dict[str, Path], tmp_path: Path)
     """transformers' decoder with auxiliary_loss=True re-norms between layers; ka_rs follows."""
     folder = _variant(detr_dirs["hf-resnet"], tmp_path / "aux", auxiliary_loss=True)
     teacher = load_teacher("hf:" + str(folder))
-    assert "decoder" in teacher.info
+    assert "decoder" in teacher.info and teacher.detr_config.renorm_decoder_layers
     _, images, mask = _batch()
     hf = _hf_detr(folder)
     with torch.no_grad():
@@ -134,7 +135,8 @@ def test_detr_auxiliary_loss_decoder(detr_dirs: dict[str, Path], tmp_path: Path)
         aux_logits = hf.class_labels_classifier(inner.intermediate_hidden_states)
         aux_boxes = hf.bbox_predictor(inner.intermediate_hidden_states).sigmoid()
         assert teacher.detr_config is not None
-        plain = DETR(teacher.detr_config).eval()  # the standard (official DETR) decoder
+        std_config = dataclasses.replace(teacher.detr_config, renorm_decoder_layers=False)
+        plain = DETR(std_config).eval()  # the standard (official DETR) decoder
         plain.load_state_dict(teacher.model.state_dict())
         standard = plain(images, mask)
     assert _maxdiff(ours.pred_logits, theirs.logits) < TOL
@@ -143,6 +145,12 @@ def test_detr_auxiliary_loss_decoder(detr_dirs: dict[str, Path], tmp_path: Path)
     assert _maxdiff(ours.aux_outputs[0]["pred_logits"], aux_logits[0]) < TOL
     assert _maxdiff(ours.aux_outputs[0]["pred_boxes"], aux_boxes[0]) < TOL
     assert _maxdiff(standard.pred_logits, theirs.logits) > 1e-2  # the difference is real
+    # a converted checkpoint keeps the decoder: `ka-rs convert` then load gives HF's outputs
+    from ka_rs.teachers.convert import save_teacher_checkpoint
+
+    again = load_teacher(save_teacher_checkpoint(teacher, tmp_path / "aux.pt"))
+    with torch.no_grad():
+        assert _maxdiff(again(images, mask).pred_logits, theirs.logits) < TOL
 
 
 def test_detr_resnet101_dc5(tmp_path: Path) -> None:

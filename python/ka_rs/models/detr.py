@@ -104,6 +104,10 @@ class DetrConfig:
             ``replace_stride_with_dilation=[False, False, True]``): the last ResNet stage is
             dilated instead of strided, so the output stride is 16, not 32 (4× the tokens).
             ``"resnet50"`` / ``"resnet101"`` only; the weights are those of the plain ResNet.
+        renorm_decoder_layers: ``"detr"`` variant only: each decoder layer reads the previous
+            layer's *normed* output and the last output is normed once more — what Hugging
+            Face transformers' DETR computes when its ``auxiliary_loss`` is True (converted
+            ``hf:`` teachers set it; facebookresearch/detr and ka_rs's own DETRs do not).
     """
 
     num_classes: int
@@ -123,6 +127,7 @@ class DetrConfig:
     dense_aux: bool = False
     two_stage: bool = False
     dilation: bool = False
+    renorm_decoder_layers: bool = False
 
     def __post_init__(self) -> None:
         self.cnn_channels = tuple(int(c) for c in self.cnn_channels)
@@ -142,6 +147,8 @@ class DetrConfig:
             )
         if self.variant not in VARIANTS:
             raise ValueError(f"variant: expected one of {list(VARIANTS)}, got {self.variant!r}")
+        if self.renorm_decoder_layers and self.variant != "detr":
+            raise ValueError("renorm_decoder_layers: only the 'detr' variant's decoder has it")
         if self.hidden_dim % self.nheads or self.hidden_dim % 2:
             raise ValueError(
                 f"hidden_dim: must be even and divisible by nheads={self.nheads}, "
@@ -293,6 +300,7 @@ class DETR(nn.Module):
             normalize_before=config.pre_norm,
             anchor_decoder=config.variant == "anchor",
             box_prior=config.box_prior,
+            renorm_decoder_layers=config.renorm_decoder_layers,
         )
         self.class_embed = nn.Linear(d, config.num_logits)
         self.bbox_embed = MLP(d, d, 4, 3)

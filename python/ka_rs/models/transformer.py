@@ -388,7 +388,12 @@ class TransformerDecoderLayer(nn.Module):
 
 
 class TransformerDecoder(nn.Module):
-    """A stack of decoder layers with a shared output LayerNorm (``layers.{i}``, ``norm``)."""
+    """A stack of decoder layers with a shared output LayerNorm (``layers.{i}``, ``norm``).
+
+    ``renorm_between_layers``: each layer reads the previous layer's normed output and the last
+    output is normed twice (Hugging Face transformers' DETR with ``auxiliary_loss``); the
+    default is DETR's (layers chained on un-normed outputs, each output normed once).
+    """
 
     def __init__(
         self,
@@ -398,8 +403,10 @@ class TransformerDecoder(nn.Module):
         dim_feedforward: int,
         dropout: float = 0.1,
         normalize_before: bool = True,
+        renorm_between_layers: bool = False,
     ) -> None:
         super().__init__()
+        self.renorm_between_layers = bool(renorm_between_layers)
         self.layers = nn.ModuleList(
             TransformerDecoderLayer(d_model, nhead, dim_feedforward, dropout, normalize_before)
             for _ in range(num_layers)
@@ -430,7 +437,13 @@ class TransformerDecoder(nn.Module):
         x = tgt
         for layer in self.layers:
             x = layer(x, memory, query_pos, memory_pos, memory_key_padding_mask)
-            outputs.append(self.norm(x))
+            if self.renorm_between_layers:
+                x = self.norm(x)
+                outputs.append(x)
+            else:
+                outputs.append(self.norm(x))
+        if self.renorm_between_layers:
+            outputs[-1] = self.norm(outputs[-1])
         return torch.stack(outputs)
 
 
@@ -554,6 +567,7 @@ class Transformer(nn.Module):
         normalize_before: as in DETR.
         anchor_decoder: use :class:`AnchorDecoder` (the ``"anchor"`` variant).
         box_prior: give the anchor decoder its Gaussian box prior.
+        renorm_decoder_layers: the plain decoder's ``renorm_between_layers``.
     """
 
     def __init__(
@@ -567,6 +581,7 @@ class Transformer(nn.Module):
         normalize_before: bool = True,
         anchor_decoder: bool = False,
         box_prior: bool = False,
+        renorm_decoder_layers: bool = False,
     ) -> None:
         super().__init__()
         if d_model % nhead:
@@ -577,7 +592,9 @@ class Transformer(nn.Module):
         if anchor_decoder:
             self.decoder = AnchorDecoder(num_decoder_layers, *args, box_prior=box_prior)
         else:
-            self.decoder = TransformerDecoder(num_decoder_layers, *args)
+            self.decoder = TransformerDecoder(
+                num_decoder_layers, *args, renorm_between_layers=renorm_decoder_layers
+            )
         self.d_model = d_model
         for name, p in self.named_parameters():
             if p.dim() > 1 and not name.endswith("box_prior_log_scale"):

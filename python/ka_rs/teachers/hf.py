@@ -545,7 +545,7 @@ def _load_detr(
     except HfDetrError as err:
         raise SourceError(f"{source}: {err}") from None
     names = _class_names(config, cfg.num_classes, classes, source)
-    model = build_hf_detr(cfg, converted, auxiliary_loss_decoder=facts["auxiliary_loss_decoder"])
+    model = build_hf_detr(cfg, converted)
     info = {
         "format": "huggingface",
         "model_type": "detr",

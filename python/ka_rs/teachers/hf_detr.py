@@ -47,9 +47,8 @@ extent with eps 1e-6 and scale 2π over ``d_model // 2`` channels per axis, y fi
 BatchNorm and LayerNorm use eps 1e-5; attention scales by ``head_dim ** -0.5``. One behaviour
 differs from facebookresearch/detr: with ``config.auxiliary_loss=True`` transformers feeds each
 decoder layer the *layer-normed* output of the previous one and layer-norms the last output
-twice. Such a model is rebuilt with :class:`HfAuxLossDecoder` (same parameters, that
-computation), so its outputs still match; ``DetrConfig`` itself cannot say so, and a DETR
-rebuilt from the bare config runs the standard decoder.
+twice. Such a model converts with ``DetrConfig.renorm_decoder_layers = True`` (same
+parameters, that computation), so its outputs still match, and a converted checkpoint keeps it.
 
 Refused with a :class:`HfDetrError` naming the reason: learned position embeddings, a
 non-ReLU activation, unequal encoder/decoder widths or head counts, a backbone other than a
@@ -70,11 +69,9 @@ from torch import Tensor
 
 from ka_rs.models.backbone import BACKBONES
 from ka_rs.models.detr import DETR, DetrConfig
-from ka_rs.models.transformer import TransformerDecoder
 
 __all__ = [
     "HF_DETR_KEY_MAP",
-    "HfAuxLossDecoder",
     "HfDetrError",
     "build_hf_detr",
     "convert_hf_detr_state_dict",
@@ -296,35 +293,6 @@ def _backbone_spec(config: Any, where: str) -> tuple[str, str, bool]:
     )
 
 
-# -- the aux-loss decoder -----------------------------------------------------------------------
-
-
-class HfAuxLossDecoder(TransformerDecoder):
-    """transformers' DETR decoder when ``config.auxiliary_loss`` is True.
-
-    Each layer receives the *layer-normed* output of the previous one (the normed outputs are
-    also what the auxiliary heads read), and the last output is layer-normed once more before
-    the heads. Parameters and state-dict names are :class:`TransformerDecoder`'s.
-    """
-
-    def forward(
-        self,
-        tgt: Tensor,
-        memory: Tensor,
-        query_pos: Tensor | None = None,
-        memory_pos: Tensor | None = None,
-        memory_key_padding_mask: Tensor | None = None,
-    ) -> Tensor:
-        """Decode ``tgt`` (B, Q, d) against ``memory`` (B, S, d); returns (L, B, Q, d)."""
-        outputs = []
-        x = tgt
-        for layer in self.layers:
-            x = self.norm(layer(x, memory, query_pos, memory_pos, memory_key_padding_mask))
-            outputs.append(x)
-        outputs[-1] = self.norm(outputs[-1])
-        return torch.stack(outputs)
-
-
 # -- conversion -----------------------------------------------------------------------------------
 
 
@@ -400,8 +368,8 @@ def convert_hf_detr_state_dict(
     Returns:
         ``(ka_rs_config, ka_rs_state_dict, facts)``: :func:`build_hf_detr` builds the model;
         ``facts`` holds ``backbone_layout`` (``"hf-resnet"`` | ``"timm"``), ``backbone``,
-        ``dilation`` and ``auxiliary_loss_decoder`` (True: the model needs
-        :class:`HfAuxLossDecoder`).
+        ``dilation`` and ``auxiliary_loss_decoder`` (True: transformers' re-normed decoder,
+        set in ``ka_rs_config.renorm_decoder_layers``).
 
     Raises:
         HfDetrError: an architecture ka_rs cannot reproduce, or missing / unexpected /
@@ -456,6 +424,7 @@ def convert_hf_detr_state_dict(
         else int(_get(config, "num_queries")),
         variant="detr",
         pre_norm=False,
+        renorm_decoder_layers=bool(_get(config, "auxiliary_loss", False)),
     )
     with torch.device("meta"):  # shapes only
         expected = DETR(cfg).state_dict()
@@ -481,25 +450,12 @@ def convert_hf_detr_state_dict(
     return cfg, converted, facts
 
 
-def build_hf_detr(
-    config: DetrConfig, state_dict: Mapping[str, Tensor], *, auxiliary_loss_decoder: bool = False
-) -> DETR:
+def build_hf_detr(config: DetrConfig, state_dict: Mapping[str, Tensor]) -> DETR:
     """The ka_rs DETR holding converted weights, in eval mode.
 
     Args:
         config, state_dict: from :func:`convert_hf_detr_state_dict`.
-        auxiliary_loss_decoder: use :class:`HfAuxLossDecoder` (transformers' decoder when the
-            checkpoint's ``auxiliary_loss`` is True).
     """
     model = DETR(config)
-    if auxiliary_loss_decoder:
-        model.transformer.decoder = HfAuxLossDecoder(
-            config.dec_layers,
-            config.hidden_dim,
-            config.nheads,
-            config.dim_feedforward,
-            config.dropout,
-            normalize_before=False,
-        )
     model.load_state_dict(dict(state_dict))
     return model.eval()
