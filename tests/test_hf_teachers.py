@@ -315,6 +315,29 @@ def test_detector_teacher(tmp_path: Path, model_type: str) -> None:
     assert _maxdiff(given, expected["pixel_values"]) < TOL
 
 
+@pytest.mark.parametrize("model_type", ["deformable_detr", "rt_detr"])
+def test_ka_rs_convert_stores_a_ta_only_teacher(tmp_path: Path, model_type: str) -> None:
+    """`ka-rs convert hf:DIR DEST` on a TA-only model: the ka_rs checkpoint rebuilds the same
+    transformers model (weights, pixels, class names) without the folder."""
+    from ka_rs.cli import main
+
+    save, _ = DETECTORS[model_type]
+    folder = save(tmp_path / model_type)
+    dest = tmp_path / "converted.pt"
+    assert main(["convert", "hf:" + str(folder), str(dest)]) == 0
+    shutil.rmtree(folder)
+    again = load_teacher(dest)
+    assert isinstance(again, HFDetectorTeacher) and again.class_names == ("cat", None, "dog")
+    assert again.info["model_type"] == model_type and again.detr_config is None
+    _, images, mask = _batch()
+    save(tmp_path / "fresh")  # the same seeded weights, to compare with
+    with torch.no_grad():
+        ours = again(images, mask)
+        reference = load_teacher("hf:" + str(tmp_path / "fresh"))(images, mask)
+    assert _maxdiff(ours.pred_logits, reference.pred_logits) < TOL
+    assert _maxdiff(ours.pred_boxes, reference.pred_boxes) < TOL
+
+
 def test_detector_teacher_classes_and_frozen(tmp_path: Path) -> None:
     folder = save_tiny_rt_detr(tmp_path / "rt", id2label={0: "car", 1: "bus", 2: "N/A"})
     teacher = load_teacher("hf:" + str(folder), classes=["a", "b", "c"])

@@ -43,6 +43,7 @@ __all__ = [
     "LoadedDetector",
     "atomic_save",
     "capture_rng_state",
+    "detector_from_checkpoint",
     "load_checkpoint",
     "load_detector",
     "restore_rng_state",
@@ -283,9 +284,15 @@ class LoadedDetector:
 
 def load_detector(path: str | Path, device: str | torch.device = "cpu") -> LoadedDetector:
     """Rebuild the detector stored in a ka_rs checkpoint, load its weights, set eval mode."""
+    return detector_from_checkpoint(load_checkpoint(path), path, device)
+
+
+def detector_from_checkpoint(
+    ckpt: dict[str, Any], path: str | Path, device: str | torch.device = "cpu"
+) -> LoadedDetector:
+    """The detector of an already loaded checkpoint dict (``path`` names it in errors)."""
     from ka_rs.models import DETR, DetrConfig
 
-    ckpt = load_checkpoint(path)
     mc = ckpt.get("model_config")
     if not mc:
         raise CheckpointError(f"checkpoint {str(path)!r} has no model_config; cannot rebuild")

@@ -61,7 +61,9 @@ __all__ = [
     "HF_DETECTORS",
     "HFDetectorTeacher",
     "PixelTransform",
+    "external_record",
     "load_hf_teacher",
+    "teacher_from_record",
     "resolve_hf_ref",
 ]
 
@@ -649,3 +651,70 @@ def load_hf_teacher(ref: str, *, classes: Sequence[str | None] | None, source: s
     if model_type == "detr":
         return _load_detr(folder, config, classes, pixels, image_size, source)
     return _load_detector(folder, model_type, config, classes, pixels, image_size, source)
+
+
+# -- TA-only teachers inside ka_rs checkpoints (``ka-rs convert``) -------------------------------
+
+
+def external_record(teacher: HFDetectorTeacher) -> dict[str, Any]:
+    """Plain data that, with the model's state dict, rebuilds ``teacher`` without its folder
+    (stored by ``ka-rs convert`` in a ka_rs checkpoint; JSON-friendly, ``weights_only``-safe)."""
+    config = teacher.model.config.to_dict()
+    return {
+        "library": "transformers",
+        "model_type": str(teacher.info["model_type"]),
+        "config": json.loads(json.dumps(config, default=str)),
+        "pixels": dict(teacher.pixels.settings),
+        "takes_pixel_mask": teacher.takes_pixel_mask,
+        "size_divisor": teacher.size_divisor,
+    }
+
+
+def teacher_from_record(
+    record: Mapping[str, Any],
+    state_dict: Mapping[str, Tensor],
+    class_names: Sequence[str | None],
+    *,
+    source: str,
+    image_size: int = 0,
+) -> HFDetectorTeacher:
+    """Inverse of :func:`external_record`: the transformers model rebuilt from its config and
+    ``state_dict`` (every weight must fit), wrapped as the same TA-only teacher.
+
+    Raises:
+        SourceError: transformers missing, an unknown model type, or weights that do not fit.
+    """
+    transformers = _require("transformers", source)
+    model_type = str(record.get("model_type"))
+    if model_type not in HF_DETECTORS or model_type == "detr":
+        raise SourceError(f"{source}: unknown stored transformers model type {model_type!r}")
+    cls = getattr(transformers, HF_DETECTORS[model_type], None)
+    if cls is None:
+        raise SourceError(
+            f"{source}: this transformers ({transformers.__version__}) has no "
+            f"{HF_DETECTORS[model_type]}; upgrade transformers"
+        )
+    fields = {k: v for k, v in dict(record["config"]).items() if k != "model_type"}
+    try:
+        config = transformers.AutoConfig.for_model(model_type, **fields)
+        model = cls(config)
+        model.load_state_dict(dict(state_dict))
+    except Exception as err:
+        raise SourceError(f"{source}: cannot rebuild the stored {model_type} model: "
+                          f"{_one_line(err)}") from None  # fmt: skip
+    info = {
+        "format": "huggingface",
+        "model_type": model_type,
+        "architecture": HF_DETECTORS[model_type],
+        "pixels": dict(record["pixels"]),
+    }
+    return HFDetectorTeacher(
+        model.float().eval(),
+        class_names,
+        pixels=PixelTransform(**record["pixels"]),
+        takes_pixel_mask=bool(record["takes_pixel_mask"]),
+        size_divisor=int(record["size_divisor"]),
+        source=source,
+        image_size=image_size,
+        info=info,
+    )

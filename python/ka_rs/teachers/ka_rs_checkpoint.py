@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from ka_rs.teachers.base import DetrTeacher, Teacher
 
@@ -14,7 +15,9 @@ def load_ka_rs_teacher(path: str | Path, *, classes: Sequence[str | None] | None
     """A teacher from a ka_rs checkpoint file.
 
     A detector checkpoint gives a :class:`DetrTeacher` (SA + TA). A *student* checkpoint gives
-    a TA-only teacher: its N-slot encoder has no sequence a student slot could copy.
+    a TA-only teacher: its N-slot encoder has no sequence a student slot could copy. A
+    checkpoint ``ka-rs convert`` wrote from a TA-only transformers teacher rebuilds that model
+    (it needs transformers).
 
     Args:
         path: the ``checkpoint.pt``.
@@ -24,9 +27,12 @@ def load_ka_rs_teacher(path: str | Path, *, classes: Sequence[str | None] | None
         CheckpointError: missing, corrupt or foreign file, no class names, or a ``classes``
             list of the wrong length (the message names the file).
     """
-    from ka_rs.engine.checkpoint import CheckpointError, load_detector
+    from ka_rs.engine.checkpoint import CheckpointError, detector_from_checkpoint, load_checkpoint
 
-    det = load_detector(path)
+    ckpt = load_checkpoint(path)
+    if "external" in ckpt:
+        return _external_teacher(ckpt, path, classes)
+    det = detector_from_checkpoint(ckpt, path)
     names: list[str | None] = list(classes) if classes is not None else list(det.class_names)
     if not names:
         raise CheckpointError(f"checkpoint {str(path)!r} has no class names; give classes=")
@@ -62,4 +68,28 @@ def load_ka_rs_teacher(path: str | Path, *, classes: Sequence[str | None] | None
         image_size=image_size,
         info=info,
         run_config=run_config,
+    )
+
+
+def _external_teacher(
+    ckpt: dict[str, Any], path: str | Path, classes: Sequence[str | None] | None
+) -> Teacher:
+    """A TA-only teacher another library runs, stored by ``ka-rs convert``."""
+    from ka_rs.engine.checkpoint import CheckpointError
+
+    record = ckpt["external"]
+    if not isinstance(record, dict) or record.get("library") != "transformers":
+        raise CheckpointError(f"checkpoint {str(path)!r}: unknown external model {record!r:.80}")
+    from ka_rs.teachers.hf import teacher_from_record
+
+    stored = list(ckpt.get("class_names") or [])
+    names = list(classes) if classes is not None else stored
+    if len(names) != len(stored):
+        raise CheckpointError(
+            f"checkpoint {str(path)!r}: {len(names)} class names given for a head with "
+            f"{len(stored)} classes"
+        )
+    image_size = int((ckpt.get("config") or {}).get("data", {}).get("image_size") or 0)
+    return teacher_from_record(
+        record, ckpt["model"], names, source=str(path), image_size=image_size
     )
