@@ -19,6 +19,9 @@ median of the per-round ratios, with the load average before and after. The mach
 shared: quote the load with the figures.
 
     python benches/bench_amp.py --threads 1 --rounds 7 --steps 4 --out bench_amp.json
+
+``--optimizer`` instead times the AdamW step alone on the same model's parameters (random
+gradients), fused kernel vs torch's default implementation, interleaved (30 rounds of 10 steps).
 """
 
 from __future__ import annotations
@@ -95,6 +98,28 @@ def timed_steps(loop: TrainLoop, batches: list[Any], steps: int, naive: bool) ->
     return (time.perf_counter() - t0) / steps
 
 
+def optimizer_step_times(rounds: int = 30, steps: int = 10) -> dict[str, float]:
+    """Median seconds of one AdamW step on the anchor_tiny teacher's parameters, per kernel."""
+    from ka_rs.models import build_model
+
+    opts = {}
+    for name, fused in (("default", None), ("fused", True)):
+        torch.manual_seed(0)
+        model = build_model("anchor_tiny", 4)
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        opts[name] = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4, fused=fused)
+        opts[name].step()  # allocate the state
+    times: dict[str, list[float]] = {n: [] for n in opts}
+    for _ in range(rounds):
+        for name, opt in opts.items():
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                opt.step()
+            times[name].append((time.perf_counter() - t0) / steps)
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
@@ -106,8 +131,17 @@ def main() -> None:
         "--variants", default=",".join(VARIANTS), help="comma-separated subset of the variants"
     )
     parser.add_argument("--out", default="", help="write the results as JSON here")
+    parser.add_argument(
+        "--optimizer", action="store_true", help="time the AdamW step alone (fused vs default)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.optimizer:
+        print(f"{args.threads} thread(s), load average {os.getloadavg()}")
+        for name, sec in optimizer_step_times().items():
+            print(f"AdamW step, {name} kernel: {sec * 1e3:.2f} ms")
+        print(f"load average after {os.getloadavg()}")
+        return
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown or "off" not in names:

@@ -371,6 +371,8 @@ def test_fused_optimizer_setting(monkeypatch):
     from ka_rs.engine.train import build_optimizer
 
     model = build_model("anchor_tiny", 3, **TINY_MODEL)
+    assert OptimConfig().fused == "off"  # the default reproduces earlier runs bit for bit
+    assert not build_optimizer(model, OptimConfig()).defaults["fused"]
     assert build_optimizer(model, OptimConfig(fused="on")).defaults["fused"] is True
     assert build_optimizer(model, OptimConfig(fused="auto")).defaults["fused"] is True
     assert not build_optimizer(model, OptimConfig(fused="off")).defaults["fused"]
@@ -393,17 +395,20 @@ def test_fused_optimizer_setting(monkeypatch):
 
 @pytest.fixture(scope="module")
 def overfit_teacher(tmp_path_factory) -> tuple[nn.Module, Any, list[str]]:
-    """A float32 tiny teacher trained to recognise its 24 training images (AP50 ~0.8)."""
+    """A float32 tiny teacher trained to recognise its 24 training images (AP50 > 0.9).
+
+    Confident predictions keep the comparison meaningful: with AP near 0.3 (300 steps) a few
+    near-tie scores that bf16 reorders moved AP50 by up to 0.05 on these 24 images."""
     out = tmp_path_factory.mktemp("overfit")
     cfg = tiny_config(
         out,
         "data.num_val_images=24",
-        "data.val_set=train",  # evaluate on the training images: a high AP after 10 s
+        "data.val_set=train",  # evaluate on the training images: a high AP after ~12 s
         "data.flip=false",
         "data.color_jitter=0",
         "optim.lr=2e-3",
         "optim.lr_backbone=2e-3",
-        "train.max_steps=300",
+        "train.max_steps=500",
         "train.epochs=1000",
         "train.eval_every_epochs=0",
         "train.log_every_steps=100",
@@ -425,7 +430,7 @@ def test_evaluate_under_bf16_matches_fp32_ap(overfit_teacher):
     model, loader, classes = overfit_teacher
     fp32 = evaluate(model, loader, classes)
     bf16 = evaluate(model, loader, classes, amp="bf16")
-    assert fp32["AP50"] > 0.5  # the comparison means something
+    assert fp32["AP50"] > 0.7  # the comparison means something
     assert bf16["AP50"] == pytest.approx(fp32["AP50"], abs=0.03)
     assert bf16["AP"] == pytest.approx(fp32["AP"], abs=0.03)
     assert not torch.is_autocast_enabled("cpu")

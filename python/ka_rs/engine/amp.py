@@ -18,10 +18,11 @@ result through :func:`float_outputs` before the criterion::
         out = model(images, mask)
     losses = criterion(float_outputs(out), targets)
 
-Why this split (measured on a 2-core AMD EPYC with native bf16, see docs/performance.md):
-autocasting the whole step, losses and attention included, gained much less than autocasting
-the forward with attention in float32, because bf16 attention backward is about twice as slow
-as float32 attention on that CPU.
+Why this split (measured on a 2-core AMD EPYC with native bf16, see docs/performance.md): a
+teacher training step with the forward in bf16 and the attention in float32 took 0.60-0.66x
+the float32 step; autocasting the whole step, losses and attention included, only 0.81-0.91x
+(bf16 attention backward is about twice as slow as float32 attention on that CPU). fp16 on
+that CPU (no native fp16) took 12x the float32 step.
 
 :func:`check_amp` refuses a mode that torch's autocast cannot run on the device (instead of
 torch's own behaviour of warning and silently running in float32) and logs a warning, once,
@@ -121,7 +122,7 @@ def check_amp(amp: str, device: torch.device | str) -> None:
 
     Logs a warning (once) for bf16 / fp16 on a CPU whose /proc/cpuinfo lists no native
     bf16 / fp16 instructions: autocast then emulates the type and is usually slower than
-    float32 (fp16 on a CPU with native bf16 but no fp16 measured 6x slower than float32 for a
+    float32 (fp16 on a CPU with native bf16 but no fp16 measured 12x slower than float32 for a
     teacher step, docs/performance.md).
     """
     validate_amp(amp)
