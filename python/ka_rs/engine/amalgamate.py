@@ -240,7 +240,9 @@ def _run(
     last: dict[str, Any] = {}
 
     def evaluate_fn(loop: TrainLoop) -> dict[str, float]:
-        res = evaluate(loop.model, val_loader, union, subsets, device=info.device)
+        res = evaluate(
+            loop.model, val_loader, union, subsets, device=info.device, amp=config.train.amp
+        )
         last["result"] = res
         return res.metrics
 
