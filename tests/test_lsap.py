@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import zlib
 
+import ka_rs
 import numpy as np
 import pytest
 import scipy.optimize
@@ -232,9 +233,66 @@ def test_bad_shapes_raise_naming_cost():
         with pytest.raises(ValueError, match="cost"):
             linear_sum_assignment(bad)
     with pytest.raises(ValueError, match="cost"):
-        linear_sum_assignment(np.array([["a", "b"]]))
-    with pytest.raises(ValueError, match="cost"):
         linear_sum_assignment(object())
+    with pytest.raises(ValueError, match="^cost: cannot be read as an array"):
+        linear_sum_assignment([[1.0, 2.0], [3.0]])  # ragged
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        np.array([["a", "b"]]),
+        np.eye(2).astype(complex),
+        np.array([[1, None]], dtype=object),
+        np.eye(2).astype("M8[s]"),
+        torch.eye(2, dtype=torch.complex64),
+    ],
+)
+def test_non_numeric_cost_is_a_type_error_like_scipy(bad):
+    # scipy: TypeError("Cannot cast array data from dtype('<U1') to dtype('float64') ...")
+    with pytest.raises(TypeError, match="^cost: Cannot cast array data"):
+        linear_sum_assignment(bad)
+
+
+@pytest.mark.parametrize("bad", ["no", "", 1, 0, 1.0, None, [True], torch.tensor(True)])
+def test_maximize_must_be_a_bool(bad):
+    c = np.array([[1.0, 2.0], [3.0, 1.0]])
+    with pytest.raises(TypeError, match="^maximize: expected a bool"):
+        linear_sum_assignment(c, maximize=bad)
+    with pytest.raises(TypeError, match="^maximize: expected a bool"):
+        ka_rs._native.linear_sum_assignment(c, bad)
+
+
+def test_maximize_accepts_python_and_numpy_bools():
+    c = np.array([[1.0, 2.0], [3.0, 1.0]])
+    for flag, cols in ((True, [1, 0]), (False, [0, 1]), (np.bool_(True), [1, 0])):
+        assert linear_sum_assignment(c, maximize=flag)[1].tolist() == cols
+        assert ka_rs._native.linear_sum_assignment(c, flag)[1].tolist() == cols
+    assert ka_rs._native.linear_sum_assignment(c)[1].tolist() == [0, 1]
+
+
+def test_float32_big_endian_and_strided_costs_are_read_exactly(rng):
+    c = rng.random((7, 5))
+    want = [a.tolist() for a in linear_sum_assignment(c)]
+    native = ka_rs._native.linear_sum_assignment
+    for variant in (
+        c.astype(">f8"),
+        np.asfortranarray(c),
+        c[::-1][::-1],
+        np.repeat(c, 2, axis=1)[:, ::2],  # stride 16 bytes
+    ):
+        assert [a.tolist() for a in native(variant, False)] == want
+        assert [a.tolist() for a in linear_sum_assignment(variant)] == want
+    c32 = c.astype(np.float32)
+    want32 = [a.tolist() for a in linear_sum_assignment(c32.astype(np.float64))]
+    assert [a.tolist() for a in native(c32, False)] == want32
+    assert [a.tolist() for a in native(c32.astype(">f4"), False)] == want32
+    # a float32 field of a structured array: a 12-byte stride is not a multiple of 4... it is;
+    # a 5-byte one is not, and rust-numpy would misread it without a copy
+    rec = np.zeros(c32.shape, dtype=[("v", "<f4"), ("pad", "u1")])
+    rec["v"] = c32
+    assert rec["v"].strides[1] == 5
+    assert [a.tolist() for a in native(rec["v"], False)] == want32
 
 
 def test_infeasible_is_a_value_error():

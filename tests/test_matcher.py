@@ -395,3 +395,107 @@ def test_result_is_deterministic_and_inputs_untouched(make_detr_batch):
             assert torch.equal(q, q2) and torch.equal(t, t2)
     assert all(torch.equal(a[0], b[0]) for a, b in zip(first[0], first[2], strict=True))
     np.testing.assert_equal(len(first), 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# argument kinds: every error names the argument; odd-but-valid arrays are read exactly
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["cost_class", "cost_bbox", "cost_giou", "focal_alpha"])
+@pytest.mark.parametrize("bad", [True, False, np.bool_(True), "1", None, [1.0], 1 + 2j])
+def test_weights_must_be_real_numbers_not_bools(name, bad):
+    # a bool is not a weight: cost_class=True used to mean 1.0
+    with pytest.raises(TypeError, match=rf"^{name}: expected a real number"):
+        HungarianMatcher(**{name: bad})
+    lg, bx = np.zeros((1, 2, 3), np.float32), np.full((1, 2, 4), 0.25, np.float32)
+    args = (
+        [lg],
+        [bx],
+        np.zeros(1, np.int64),
+        np.full((1, 4), 0.25, np.float32),
+        np.ones(1, np.int64),
+    )
+    with pytest.raises(TypeError, match=rf"^{name}: expected a number"):
+        ka_rs._native.match_layers(*args, **{name: bad})
+
+
+def test_numpy_scalar_weights_are_accepted(make_detr_batch):
+    outputs, targets = make_detr_batch(2, 10, 5, 4)
+    plain = HungarianMatcher(cost_class=2.0, cost_bbox=5, cost_giou=2.0)
+    numpy = HungarianMatcher(
+        cost_class=np.float32(2.0), cost_bbox=np.int64(5), cost_giou=np.float64(2.0)
+    )
+    assert repr(plain) == repr(numpy)
+    for (q, t), (eq, et) in zip(numpy(outputs, targets), plain(outputs, targets), strict=True):
+        assert torch.equal(q, eq) and torch.equal(t, et)
+    with pytest.raises(TypeError, match="^class_cost: "):
+        HungarianMatcher(class_cost=1)
+    with pytest.raises(TypeError, match="^class_cost: expected a str"):
+        ka_rs._native.match_layers(
+            [np.zeros((1, 1, 2), np.float32)],
+            [np.full((1, 1, 4), 0.25, np.float32)],
+            np.zeros(0, np.int64),
+            np.zeros((0, 4), np.float32),
+            np.zeros(1, np.int64),
+            class_cost=None,
+        )
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta state")
+def test_meta_and_sparse_tensors_name_the_argument(make_detr_batch):
+    m = HungarianMatcher.detr()
+    outputs, targets = make_detr_batch(2, 6, 4, 3, sizes=[2, 1])
+    meta = {k: torch.empty_like(v, device="meta") for k, v in outputs.items()}
+    with pytest.raises(ValueError, match="^pred_logits: got a tensor on the 'meta' device"):
+        m(meta, targets)
+    sparse = dict(outputs, pred_boxes=outputs["pred_boxes"].to_sparse())
+    with pytest.raises(TypeError, match="^pred_boxes: expected a dense"):
+        m(sparse, targets)
+    meta_t = [dict(t, boxes=t["boxes"].to("meta")) for t in targets]
+    with pytest.raises(ValueError, match=r"^targets\[0\]\['boxes'\]: got a tensor on the 'meta'"):
+        m(outputs, meta_t)
+    sparse_t = [dict(t, labels=t["labels"].to_sparse()) for t in targets]
+    with pytest.raises(TypeError, match=r"^targets\[0\]\['labels'\]: expected a dense"):
+        m(outputs, sparse_t)
+    ragged = [{"labels": [0, 1], "boxes": [[0.5, 0.5, 0.1, 0.1], [0.5, 0.5, 0.1]]}, targets[1]]
+    with pytest.raises(ValueError, match=r"^targets\[0\]\['labels'\]"):
+        m(outputs, ragged)
+
+
+def test_big_endian_and_strided_arrays_match(make_detr_batch):
+    m = HungarianMatcher.detr()
+    outputs, targets = make_detr_batch(3, 12, 6, 5, sizes=[3, 0, 5])
+    expected = m(outputs, targets)
+    np_out = {k: v.numpy() for k, v in outputs.items()}
+    variants = [
+        ({k: v.astype(">f4") for k, v in np_out.items()}, targets),
+        ({k: v.astype(">f8") for k, v in np_out.items()}, targets),
+        (
+            outputs,
+            [
+                {
+                    "labels": t["labels"].numpy().astype(">i8"),
+                    "boxes": t["boxes"].numpy().astype(">f4"),
+                }
+                for t in targets
+            ],
+        ),
+    ]
+    for outs, tgts in variants:
+        for (q, t), (eq, et) in zip(m(outs, tgts), expected, strict=True):
+            assert torch.equal(q, eq) and torch.equal(t, et)
+    # the native entry point, given big-endian, unaligned or field-of-record arrays directly
+    lg, bx = np_out["pred_logits"], np_out["pred_boxes"]
+    labels = np.concatenate([t["labels"].numpy() for t in targets])
+    tboxes = np.concatenate([t["boxes"].numpy() for t in targets])
+    sizes = np.array([3, 0, 5], np.int64)
+    want = ka_rs._native.match_layers([lg], [bx], labels, tboxes, sizes)
+    rec = np.zeros(tboxes.shape[0], dtype=[("b", "<f4", (4,)), ("pad", "u1")])
+    rec["b"] = tboxes
+    odd = np.zeros(bx.nbytes + 1, np.uint8)[1:].view(np.float32).reshape(bx.shape)
+    odd[...] = bx
+    got = ka_rs._native.match_layers(
+        [lg.astype(">f4")], [odd], labels.astype(">i8"), rec["b"], sizes.astype(">i8")
+    )
+    assert np.array_equal(got[0], want[0]) and got[1] == want[1]

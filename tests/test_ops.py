@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import ka_rs
 import numpy as np
 import pytest
@@ -346,3 +348,177 @@ def test_batched_nms_bad_input():
     bad[1] = np.nan
     with pytest.raises(ValueError, match="scores"):
         ops.batched_nms(boxes, bad, labels, 0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# huge coordinates: areas beyond the dtype's range are never NaN, never silently 0
+# ---------------------------------------------------------------------------------------------
+
+
+def exact_iou_giou(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """IoU and GIoU in exact rational arithmetic (``fractions.Fraction``): no overflow, no
+    rounding, whatever the magnitudes."""
+    iou = np.zeros((len(a), len(b)))
+    giou = np.zeros((len(a), len(b)))
+    for i, p in enumerate(a.tolist()):
+        for j, q in enumerate(b.tolist()):
+            p_, q_ = [Fraction(v) for v in p], [Fraction(v) for v in q]
+            iw = max(min(p_[2], q_[2]) - max(p_[0], q_[0]), 0)
+            ih = max(min(p_[3], q_[3]) - max(p_[1], q_[1]), 0)
+            inter = iw * ih
+            union = (p_[2] - p_[0]) * (p_[3] - p_[1]) + (q_[2] - q_[0]) * (q_[3] - q_[1]) - inter
+            r = inter / union if union > 0 else Fraction(0)
+            c = (max(p_[2], q_[2]) - min(p_[0], q_[0])) * (max(p_[3], q_[3]) - min(p_[1], q_[1]))
+            iou[i, j] = float(r)
+            giou[i, j] = float(r - (c - union) / c if c > 0 else r)
+    return iou, giou
+
+
+@pytest.mark.parametrize(
+    ("dtype", "scale"),
+    [("float32", 3e19), ("float32", 1e30), ("float32", 3e38 / 4), ("float64", 1e160)]
+    + [("float64", 1e300), ("float64", 4e307)],
+)
+def test_huge_coordinates_match_a_wide_reference(dtype, scale, rng):
+    unit = random_xyxy(20, rng, scale=1.0)
+    a = (unit * scale).astype(dtype)
+    b = (np.concatenate([unit[:8], random_xyxy(12, rng, scale=1.0)]) * scale).astype(dtype)
+    want_iou, want_giou = exact_iou_giou(a, b)
+    for fn, want in ((ops.box_iou, want_iou), (ops.generalized_box_iou, want_giou)):
+        got = fn(a, b).astype(np.float64)
+        assert np.isfinite(got).all(), (fn.__name__, dtype, scale)
+        np.testing.assert_allclose(got, want, atol=1e-5 if dtype == "float32" else 1e-12)
+        # the same boxes, scaled down exactly by a power of two, give the same matrix
+        small = fn(a / dtype_pow2(dtype, scale), b / dtype_pow2(dtype, scale))
+        np.testing.assert_allclose(got, small.astype(np.float64), atol=1e-5)
+    # identical boxes overlap fully (they gave IoU 0 and GIoU NaN in float32 near 3e19)
+    whole = np.array([[0, 0, scale, scale]], dtype)
+    assert ops.box_iou(whole, whole)[0, 0] == 1.0
+    assert ops.generalized_box_iou(whole, whole)[0, 0] == 1.0
+
+
+def dtype_pow2(dtype: str, scale: float) -> float:
+    """A power of two near ``scale`` (dividing by it is exact)."""
+    return float(2.0 ** np.floor(np.log2(scale)))
+
+
+def test_float32_near_3e19_regression():
+    a = np.array([[0, 0, 3e19, 3e19]], np.float32)
+    b = np.array([[1e19, 1e19, 4e19, 4e19]], np.float32)
+    iou = ops.box_iou(a, b)[0, 0]
+    giou = ops.generalized_box_iou(a, b)[0, 0]
+    # inter 2x2, union 9+9-4 = 14, enclosing 16 (in units of 1e19)
+    assert iou == pytest.approx(4 / 14, rel=1e-6)
+    assert giou == pytest.approx(4 / 14 - 2 / 16, rel=1e-6)
+    t = ops.generalized_box_iou(torch.from_numpy(a), torch.from_numpy(b))
+    assert not torch.isnan(t).any() and t.item() == pytest.approx(4 / 14 - 2 / 16, rel=1e-6)
+    whole = np.array([[-3e38, -3e38, 3e38, 3e38]], np.float32)  # width overflows float32
+    assert ops.generalized_box_iou(whole, whole)[0, 0] == 1.0
+    assert ops.box_iou(whole, a)[0, 0] > 0
+
+
+def test_nms_with_huge_coordinates_and_out_of_range_float64():
+    boxes = np.array([[0, 0, 3e19, 3e19], [0, 0, 3e19, 2.9e19], [5e19, 0, 6e19, 1e19]], np.float32)
+    scores = np.array([0.9, 0.8, 0.7], np.float32)
+    assert ops.batched_nms(boxes, scores, np.zeros(3, np.int64), 0.5).tolist() == [0, 2]
+    # batched_nms computes in float32: a finite float64 beyond its range is named, not inf
+    big = boxes.astype(np.float64)
+    big[1, 2] = 1e200
+    with pytest.raises(ValueError, match=r"^boxes: box 1 has value 1e\+200, beyond float32"):
+        ops.batched_nms(big, scores.astype(np.float64), np.zeros(3, np.int64), 0.5)
+    with pytest.raises(ValueError, match=r"^scores: score 2 has value"):
+        ops.batched_nms(boxes, np.array([0.1, 0.2, -1e300]), np.zeros(3, np.int64), 0.5)
+
+
+def test_box_convert_overflow_is_named_not_inf():
+    b = np.array([[0, 0, 1, 1], [-3e38, 0, 3e38, 1]], np.float32)
+    with pytest.raises(ValueError, match=r"^boxes: box 1 cannot be converted from xyxy to"):
+        ops.box_convert(b, "xyxy", "cxcywh")
+    # a midpoint whose sum overflows float32 is still computed exactly
+    c = ops.box_convert(np.array([[3e38, 0, 3.2e38, 1]], np.float32), "xyxy", "cxcywh")
+    assert np.isfinite(c).all() and c[0, 0] == np.float32(3.1e38)
+    with pytest.raises(ValueError, match="^boxes: box 0 cannot be converted"):
+        ops.box_convert(np.array([[1.5e308, 0, 1e308, 1]]), "cxcywh", "xyxy")
+
+
+# ---------------------------------------------------------------------------------------------
+# argument kinds: every error names the argument
+# ---------------------------------------------------------------------------------------------
+
+GOOD = np.array([[0.0, 0.0, 1.0, 1.0], [0.5, 0.5, 2.0, 2.0]], np.float32)
+
+
+def _pairwise_and_convert(arg):
+    return [
+        ("boxes1", lambda: ops.box_iou(arg, GOOD)),
+        ("boxes2", lambda: ops.generalized_box_iou(GOOD, arg)),
+        ("boxes", lambda: ops.box_convert(arg, "xyxy", "cxcywh")),
+        ("boxes", lambda: ops.batched_nms(arg, np.ones(2, np.float32), np.zeros(2), 0.5)),
+    ]
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta state")
+@pytest.mark.parametrize(
+    ("make", "error"),
+    [
+        (lambda: torch.zeros(2, 4, device="meta"), ValueError),
+        (lambda: torch.from_numpy(GOOD).to_sparse(), TypeError),
+        (lambda: torch.from_numpy(GOOD).to_sparse_csr(), TypeError),
+        (lambda: [[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0]], ValueError),  # ragged
+    ],
+    ids=["meta", "sparse_coo", "sparse_csr", "ragged"],
+)
+def test_unreadable_inputs_name_the_argument(make, error):
+    for name, call in _pairwise_and_convert(make()):
+        with pytest.raises(error, match=rf"^{name}: "):
+            call()
+    cost = make()
+    with pytest.raises(error, match="^cost: "):
+        ops.linear_sum_assignment(cost)
+    with pytest.raises(error, match="^labels: "):
+        ops.batched_nms(GOOD, np.ones(2, np.float32), make(), 0.5)
+
+
+@pytest.mark.parametrize("dtype", [">f4", ">f8", "<f4", "float16", "longdouble"])
+def test_byte_order_and_odd_float_dtypes_are_converted_not_misread(dtype):
+    x = GOOD.astype(dtype)
+    want_iou = ops.box_iou(GOOD.astype(np.float64), GOOD.astype(np.float64))
+    got = ops.box_iou(x, x)
+    assert got.dtype == x.dtype.newbyteorder("=")  # same dtype, native byte order
+    np.testing.assert_allclose(got.astype(np.float64), want_iou, rtol=1e-3)
+    conv = ops.box_convert(x, "xyxy", "cxcywh")
+    np.testing.assert_allclose(conv.astype(np.float64), [[0.5, 0.5, 1, 1], [1.25, 1.25, 1.5, 1.5]])
+    keep = ops.batched_nms(x, np.array([0.9, 0.8], dtype), np.array([0, 0], ">i8"), 0.1)
+    assert keep.tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("fn", ["box_iou", "generalized_box_iou"])
+def test_native_reads_big_endian_unaligned_and_field_views_exactly(fn):
+    native, public = getattr(ka_rs._native, fn), getattr(ops, fn)
+    want = public(GOOD, GOOD)
+    rec = np.zeros(2, dtype=[("b", "<f4", (4,)), ("pad", "u1")])  # 17-byte row stride
+    rec["b"] = GOOD
+    buf = np.zeros(GOOD.nbytes + 1, np.uint8)[1:].view(np.float32).reshape(2, 4)  # unaligned
+    buf[...] = GOOD
+    assert not buf.flags.aligned and rec["b"].strides[0] == 17
+    for variant in (GOOD.astype(">f4"), rec["b"], buf, np.asfortranarray(GOOD), GOOD[::-1][::-1]):
+        np.testing.assert_array_equal(native(variant, variant), want)
+    want64 = public(GOOD.astype(np.float64), GOOD.astype(np.float64))
+    np.testing.assert_array_equal(native(GOOD.astype(">f8"), GOOD.astype(">f8")), want64)
+
+
+def test_scalar_arguments_have_the_right_type():
+    scores, labels = np.ones(2, np.float32), np.zeros(2, np.int64)
+    for bad in (True, "0.5", None, [0.5]):
+        with pytest.raises(TypeError, match="^iou_threshold: "):
+            ops.batched_nms(GOOD, scores, labels, bad)
+        with pytest.raises(TypeError, match="^iou_threshold: "):
+            ka_rs._native.batched_nms(GOOD, scores, labels, bad)
+    assert ops.batched_nms(GOOD, scores, labels, np.float32(0.5)).tolist() == [0, 1]
+    with pytest.raises(TypeError, match="^in_fmt: "):
+        ka_rs._native.box_convert(GOOD, 1, "xyxy")
+    with pytest.raises(TypeError, match="^out_fmt: "):
+        ka_rs._native.box_convert(GOOD, "xyxy", None)
+    big = np.array([2**64 - 1, 0], np.uint64)
+    with pytest.raises(ValueError, match="^labels: value 18446744073709551615 does not fit"):
+        ops.batched_nms(GOOD, scores, big, 0.5)

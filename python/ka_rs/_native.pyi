@@ -2,9 +2,17 @@
 
 Use the wrappers in :mod:`ka_rs.ops`, :mod:`ka_rs.matcher` and :mod:`ka_rs.labels` instead;
 they accept torch tensors as well as numpy arrays. Every function here validates shapes,
-dtypes and finiteness and raises ``ValueError("<arg>: <problem>")``; none panics. The GIL is
-released for the work, which goes parallel (process-local, fork-safe pool) only above a
-work-size threshold.
+dtypes and finiteness and raises ``ValueError("<arg>: <problem>")``; a scalar argument of the
+wrong type (a bool as a weight, a str as ``maximize``) raises ``TypeError("<arg>: ...")``.
+A buffer too large for memory (a result, or a contiguous copy of a strided or broadcast
+input) raises ``MemoryError("<arg>: <buffer>: out of memory ...")``, a size that cannot exist
+raises ``ValueError``: nothing panics or aborts the interpreter.
+
+Arrays may have any strides (non-contiguous, negative, zero for broadcast). Arrays of the
+right type that cannot be viewed exactly (non-native byte order, unaligned data, strides that
+are not a multiple of the item size) are copied into native, aligned arrays first: never
+misread. The GIL is released for the work, which goes parallel (process-local, fork-safe
+pool) only above a work-size threshold.
 """
 
 from typing import TypeVar
@@ -21,10 +29,13 @@ def box_convert(boxes: npt.NDArray[_F], in_fmt: str, out_fmt: str) -> npt.NDArra
     """Convert ``boxes`` (N, 4) between ``"xyxy"``, ``"cxcywh"`` and ``"xywh"``; same dtype."""
 
 def box_iou(boxes1: npt.NDArray[_F], boxes2: npt.NDArray[_F]) -> npt.NDArray[_F]:
-    """Pairwise IoU (N, M) of xyxy boxes (N, 4) and (M, 4) of the same dtype."""
+    """Pairwise IoU (N, M) of xyxy boxes (N, 4) and (M, 4) of the same dtype. Any finite
+    coordinates: areas that would overflow or underflow the dtype are computed in float64
+    scaled to each pair's enclosing box, so the result is never NaN."""
 
 def generalized_box_iou(boxes1: npt.NDArray[_F], boxes2: npt.NDArray[_F]) -> npt.NDArray[_F]:
-    """Pairwise GIoU (N, M) of xyxy boxes; zero-area boxes give IoU 0; inverted boxes raise."""
+    """Pairwise GIoU (N, M) of xyxy boxes; zero-area boxes give IoU 0; inverted boxes raise;
+    never NaN for finite input (see :func:`box_iou`)."""
 
 def batched_nms(
     boxes: npt.NDArray[np.float32],
@@ -35,9 +46,10 @@ def batched_nms(
     """Class-aware NMS over xyxy ``boxes`` (N, 4); kept indices by decreasing score."""
 
 def linear_sum_assignment(
-    cost: npt.NDArray[np.float64], maximize: bool
+    cost: npt.NDArray[np.float64] | npt.NDArray[np.float32], maximize: bool = False
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-    """Rectangular LSAP with scipy's contract: ``(rows, cols)``, rows sorted, ``+inf`` forbidden."""
+    """Rectangular LSAP with scipy's contract: ``(rows, cols)``, rows sorted, ``+inf`` forbidden.
+    float32 costs are widened exactly; ``maximize`` must be a bool (``TypeError`` otherwise)."""
 
 def match_layers(
     pred_logits: list[npt.NDArray[np.float32]],
@@ -45,12 +57,12 @@ def match_layers(
     target_labels: npt.NDArray[np.int64],
     target_boxes: npt.NDArray[np.float32],
     target_sizes: npt.NDArray[np.int64],
-    cost_class: float,
-    cost_bbox: float,
-    cost_giou: float,
-    class_cost: str,
-    focal_alpha: float,
-    focal_gamma: float,
+    cost_class: float = 1.0,
+    cost_bbox: float = 5.0,
+    cost_giou: float = 2.0,
+    class_cost: str = "softmax",
+    focal_alpha: float = 0.25,
+    focal_gamma: float = 2.0,
 ) -> tuple[npt.NDArray[np.int64], list[int]]:
     """Hungarian-match L prediction sets of B images in one call.
 
@@ -60,6 +72,8 @@ def match_layers(
     pairs of each block (L·B, l-major then b); ``indices`` holds every block's query indices
     (sorted within a block), then every block's target indices (local to the image).
     Errors about targets read ``target_labels: image i: ...`` / ``target_boxes: image i: ...``.
+    Weights are real numbers within float32's range (a bool is a ``TypeError``); a Q×T cost
+    block too large for memory is a ``MemoryError`` naming the block.
     """
 
 def build_pseudo_targets(

@@ -19,6 +19,7 @@ every decoder layer in one call with the GIL released.
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 
 from ka_rs import _native
+from ka_rs.ops import _torch_memory
 
 __all__ = ["HungarianMatcher", "MatchIndices"]
 
@@ -34,6 +36,7 @@ __all__ = ["HungarianMatcher", "MatchIndices"]
 MatchIndices = tuple[torch.Tensor, torch.Tensor]
 
 _CLASS_COSTS = ("softmax", "focal")
+_F32_MAX = float(np.finfo(np.float32).max)
 
 
 def _field(obj: Any, key: str, where: str) -> Any:
@@ -59,16 +62,29 @@ def _field(obj: Any, key: str, where: str) -> Any:
 _Array = Any
 
 
+def _check_tensor(x: torch.Tensor, name: str) -> None:
+    """Reject tensors that hold no readable dense data, naming the argument."""
+    if x.layout != torch.strided:
+        raise TypeError(
+            f"{name}: expected a dense (strided) tensor, got layout {x.layout}; "
+            "convert it with .to_dense()"
+        )
+    if x.device.type == "meta":
+        raise ValueError(f"{name}: got a tensor on the 'meta' device, which holds no data")
+
+
 def _host_view(x: Any, name: str) -> _Array:
     """Zero-copy numpy view of a CPU tensor / numpy array; device tensors are returned as is."""
     if isinstance(x, torch.Tensor):
+        _check_tensor(x, name)
         if not x.is_cpu:
             return x.detach()
         try:
             return x.detach().numpy() if x.requires_grad else x.numpy()
         except (RuntimeError, TypeError):  # bfloat16, conjugate / negative views
-            x = x.detach().resolve_conj().resolve_neg()
-            return (x.float() if x.dtype == torch.bfloat16 else x).numpy()
+            with _torch_memory(name):
+                x = x.detach().resolve_conj().resolve_neg()
+                return (x.float() if x.dtype == torch.bfloat16 else x).numpy()
     if isinstance(x, np.ndarray):
         return x
     raise ValueError(f"{name}: expected a torch tensor or numpy array, got {type(x).__name__}")
@@ -95,6 +111,12 @@ def _on_host(items: list[_Array]) -> list[np.ndarray]:
     devices = {x.device for x in items if isinstance(x, torch.Tensor)}
     if not devices:
         return items
+    with _torch_memory("pred_logits/pred_boxes/targets"):
+        return _transfer(items, devices)
+
+
+def _transfer(items: list[_Array], devices: set[torch.device]) -> list[np.ndarray]:
+    """:func:`_on_host`'s transfers."""
     out = list(items)
     for dev in devices:
         ids = [i for i, x in enumerate(items) if isinstance(x, torch.Tensor) and x.device == dev]
@@ -155,6 +177,9 @@ class HungarianMatcher:
         focal_alpha: alpha of the focal class cost (``"focal"`` only).
         focal_gamma: gamma of the focal class cost (``"focal"`` only).
 
+    Weights are real numbers (int, float, numpy scalars); a bool is a :class:`TypeError`, a
+    non-finite or out-of-range value a :class:`ValueError`, both naming the argument.
+
     Use :meth:`detr` (softmax, 1/5/2) or :meth:`deformable` (focal, 2/5/2) for the usual
     settings. The matcher holds no tensors and no gradient flows through it; it is picklable and
     safe to use in forked DataLoader workers.
@@ -184,10 +209,24 @@ class HungarianMatcher:
             ("focal_alpha", focal_alpha),
             ("focal_gamma", focal_gamma),
         ):
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
+            # a bool is not a weight (cost_class=True is a mistake, not 1.0)
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+                raise TypeError(
+                    f"{name}: expected a real number, got {type(value).__name__} {value!r}"
+                )
+            if not math.isfinite(value):
                 raise ValueError(f"{name}: expected a finite number, got {value!r}")
+            if abs(value) > _F32_MAX:
+                raise ValueError(
+                    f"{name}: {value!r} is beyond float32's range (the costs are float32)"
+                )
         if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
             raise ValueError("cost_class: cost_class, cost_bbox and cost_giou can't all be 0")
+        if not isinstance(class_cost, str):
+            raise TypeError(
+                f"class_cost: expected one of {_CLASS_COSTS}, got {type(class_cost).__name__} "
+                f"{class_cost!r}"
+            )
         if class_cost not in _CLASS_COSTS:
             raise ValueError(f"class_cost: expected one of {_CLASS_COSTS}, got {class_cost!r}")
         if not 0.0 <= focal_alpha <= 1.0:
@@ -252,7 +291,11 @@ class HungarianMatcher:
 
         Raises:
             ValueError: inconsistent shapes, NaN/inf in ``pred_logits`` / ``pred_boxes`` or the
-                target boxes, labels out of range; the message names the argument.
+                target boxes, labels out of range, a tensor on the ``meta`` device; the message
+                names the argument.
+            TypeError: a sparse tensor; the message names the argument.
+            MemoryError: an image's Q×T cost block does not fit in memory (the message names
+                the block); the process is never aborted.
         """
         return self.match_layers([outputs], targets)[0]
 
@@ -375,6 +418,11 @@ class HungarianMatcher:
                 type(x) is torch.Tensor for x in boxes
             ):
                 return None
+            # sparse or meta tensors: the checked path names them
+            if not all(
+                x.layout == torch.strided and x.device.type != "meta" for x in (*labels, *boxes)
+            ):
+                return None
             counts = [x.shape[0] for x in labels]  # 0-d labels raise: the checked path names them
             if counts != [x.shape[0] for x in boxes]:
                 return None
@@ -389,8 +437,9 @@ class HungarianMatcher:
         sizes = np.array(counts, dtype=np.int64)
         if not _is_int(lab) or not box.is_floating_point():
             return None
-        lab = lab.cpu() if lab.dtype == torch.int64 else lab.cpu().to(torch.int64)
-        box = box.cpu() if box.dtype == torch.float32 else box.cpu().to(torch.float32)
+        with _torch_memory("targets"):
+            lab = lab.cpu() if lab.dtype == torch.int64 else lab.cpu().to(torch.int64)
+            box = box.cpu() if box.dtype == torch.float32 else box.cpu().to(torch.float32)
         return lab.numpy(), box.numpy(), sizes
 
     @staticmethod

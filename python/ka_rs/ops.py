@@ -15,12 +15,19 @@ Box formats (all in the same units, e.g. pixels or normalised [0, 1] coordinates
 * ``"xywh"``: (x1, y1, w, h), top-left corner and size (COCO annotations).
 
 Bad input raises :class:`ValueError` whose message starts with the argument's name, e.g.
-``"boxes1: expected shape (N, 4), got (3, 5)"``.
+``"boxes1: expected shape (N, 4), got (3, 5)"``; an argument of the wrong kind altogether
+(a sparse tensor, a ``str`` for ``maximize``, a bool for a number, text for a cost matrix)
+raises :class:`TypeError`, named the same way. A result (or a copy of an input) too large for
+memory raises :class:`MemoryError` naming the buffer, and a size that cannot exist at all
+raises :class:`ValueError`; the process is never aborted. Numpy arrays in non-native byte
+order are converted (never misread); results come back in native byte order.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import numbers
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import numpy as np
@@ -62,6 +69,56 @@ def _describe(x: Any) -> str:
     return type(x).__name__
 
 
+def _check_tensor(t: torch.Tensor, name: str) -> None:
+    """Reject tensors that hold no readable dense data, naming the argument."""
+    if t.layout != torch.strided:
+        raise TypeError(
+            f"{name}: expected a dense (strided) tensor, got layout {t.layout}; "
+            "convert it with .to_dense()"
+        )
+    if t.device.type == "meta":
+        raise ValueError(f"{name}: got a tensor on the 'meta' device, which holds no data")
+
+
+def _asarray(x: Any, name: str) -> np.ndarray:
+    """``np.asarray(x)`` for nested sequences, with numpy's errors (ragged rows, objects it
+    cannot convert) renamed after the argument."""
+    try:
+        return np.asarray(x)
+    except ValueError as err:
+        raise ValueError(
+            f"{name}: cannot be read as an array (ragged or inconsistent nesting?): {err}"
+        ) from None
+    except TypeError as err:
+        raise TypeError(f"{name}: cannot be read as an array: {err}") from None
+
+
+def _is_bool(x: Any) -> bool:
+    return isinstance(x, (bool, np.bool_))
+
+
+def _real(x: Any, name: str) -> float:
+    """A real number argument as float: ``TypeError`` naming ``name`` for a bool (not a
+    number here), a string or anything else that is not a real number."""
+    if _is_bool(x) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{name}: expected a real number, got {type(x).__name__} {x!r}")
+    return float(x)
+
+
+@contextlib.contextmanager
+def _torch_memory(name: str) -> Iterator[None]:
+    """torch reports a failed allocation (materialising an expanded tensor, a dtype or device
+    copy) as a RuntimeError: turn it into the MemoryError numpy and the core raise, naming the
+    argument."""
+    try:
+        yield
+    except RuntimeError as err:
+        text = str(err)
+        if "can't allocate memory" in text or "out of memory" in text.lower():
+            raise MemoryError(f"{name}: out of memory converting the tensor: {text}") from err
+        raise
+
+
 def _tensor_to_numpy(t: torch.Tensor) -> np.ndarray:
     """CPU view of ``t`` as a C-contiguous numpy array (copies only when it must)."""
     t = t.detach()
@@ -85,12 +142,14 @@ def _as_float_array(
     in float32 and cast back.
     """
     if isinstance(x, torch.Tensor):
+        _check_tensor(x, name)
         if not (x.is_floating_point()):
             raise ValueError(f"{name}: expected a floating-point tensor, got dtype {x.dtype}")
         device, dtype = x.device, x.dtype
-        if dtype not in _TORCH_TO_NP:
-            x = x.detach().to(torch.float32)
-        arr = _tensor_to_numpy(x)
+        with _torch_memory(name):
+            if dtype not in _TORCH_TO_NP:
+                x = x.detach().to(torch.float32)
+            arr = _tensor_to_numpy(x)
 
         def restore(res: np.ndarray) -> torch.Tensor:
             out = torch.from_numpy(res)
@@ -99,22 +158,24 @@ def _as_float_array(
             return out if device.type == "cpu" else out.to(device)
 
     elif isinstance(x, np.ndarray):
-        np_dtype = x.dtype
+        if x.dtype.kind != "f":
+            raise ValueError(f"{name}: expected a float32 or float64 array, got dtype {x.dtype}")
+        # native byte order (a big-endian array is converted, never misread); float16 is
+        # computed in float32 and long double in float64
+        np_dtype = x.dtype.newbyteorder("=")
         if np_dtype in _FLOAT_NP:
-            arr = np.ascontiguousarray(x)
-        elif np_dtype.kind == "f":
-            arr = np.ascontiguousarray(x, dtype=np.float32)
+            work = np_dtype
         else:
-            raise ValueError(f"{name}: expected a float32 or float64 array, got dtype {np_dtype}")
+            work = np.dtype(np.float32 if x.itemsize <= 4 else np.float64)
+        arr = np.ascontiguousarray(x) if x.dtype == work else np.ascontiguousarray(x, dtype=work)
 
         def restore(res: np.ndarray) -> np.ndarray:
-            # float16 input was computed in float32: hand back float16
-            return (
-                res.astype(np_dtype) if res.dtype == np.float32 and arr.dtype != np_dtype else res
-            )
+            # float16 / long double input was computed in float32 / float64: hand back its
+            # dtype (unless the other operand promoted the result)
+            return res.astype(np_dtype) if np_dtype != work and res.dtype == work else res
 
     elif _is_array_like(x):
-        arr = np.asarray(x)
+        arr = _asarray(x, name)
         if arr.dtype.kind not in "iuf":
             raise ValueError(f"{name}: expected numbers, got dtype {arr.dtype}")
         arr = np.ascontiguousarray(arr, dtype=np.float64)
@@ -125,6 +186,8 @@ def _as_float_array(
     else:
         raise ValueError(f"{name}: expected a numpy array or torch tensor, got {_describe(x)}")
 
+    if ndim == 2 and last is not None and arr.shape == (0,):
+        arr = arr.reshape(0, last)  # no boxes at all ([] or an empty 1-d array)
     if arr.ndim != ndim or (last is not None and arr.shape[-1] != last):
         want = (
             "(N, 4)"
@@ -264,32 +327,55 @@ def batched_nms(boxes: ArrayT, scores: ArrayT, labels: ArrayT, iou_threshold: fl
         raise ValueError(f"scores: expected shape ({n},) to match boxes, got {tuple(s.shape)}")
     if lab.shape[0] != n:
         raise ValueError(f"labels: expected shape ({n},) to match boxes, got {tuple(lab.shape)}")
-    thr = float(iou_threshold)
+    thr = _real(iou_threshold, "iou_threshold")
     if not 0.0 <= thr <= 1.0:
         raise ValueError(f"iou_threshold: expected a value in [0, 1], got {iou_threshold!r}")
-    keep = _native.batched_nms(
-        b.astype(np.float32, copy=False), s.astype(np.float32, copy=False), lab, thr
-    )
+    b32 = _to_float32(b, "boxes")
+    s32 = _to_float32(s, "scores")
+    keep = _native.batched_nms(b32, s32, lab, thr)
     if isinstance(boxes, torch.Tensor):
         out = torch.from_numpy(keep)
         return out if boxes.device.type == "cpu" else out.to(boxes.device)
     return keep
 
 
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _to_float32(a: np.ndarray, name: str) -> np.ndarray:
+    """``a`` as float32 (batched NMS computes in float32, like torchvision); a finite float64
+    value beyond float32's range would become inf: a ValueError naming it instead."""
+    if a.dtype == np.float32:
+        return a
+    big = np.abs(a) > _F32_MAX  # False for NaN; non-finite input is reported by the core
+    if big.any():
+        where = np.unravel_index(int(np.argmax(big)), a.shape)
+        what = "box" if a.ndim == 2 else "score"
+        raise ValueError(
+            f"{name}: {what} {where[0]} has value {float(a[where])!r}, beyond float32's range "
+            "(batched_nms computes in float32)"
+        )
+    return a.astype(np.float32)
+
+
 def _as_int_array(x: Any, name: str) -> np.ndarray:
     """C-contiguous int64 numpy view/copy of an integer array or tensor."""
     if isinstance(x, torch.Tensor):
+        _check_tensor(x, name)
         if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
             raise ValueError(f"{name}: expected an integer tensor, got dtype {x.dtype}")
-        if x.dtype != torch.int64:
-            x = x.detach().to(torch.int64)
-        return _tensor_to_numpy(x)
+        with _torch_memory(name):
+            if x.dtype != torch.int64:
+                x = x.detach().to(torch.int64)
+            return _tensor_to_numpy(x)
     if isinstance(x, np.ndarray) or _is_array_like(x):
-        arr = np.asarray(x)
+        arr = _asarray(x, name)
         if arr.size == 0 and arr.dtype.kind == "f":
             arr = arr.astype(np.int64)
         if arr.dtype.kind not in "iu":
             raise ValueError(f"{name}: expected an integer array, got dtype {arr.dtype}")
+        if arr.dtype.kind == "u" and arr.itemsize == 8 and arr.size and arr.max() > 2**63 - 1:
+            raise ValueError(f"{name}: value {arr.max()} does not fit in int64")
         return np.ascontiguousarray(arr, dtype=np.int64)
     raise ValueError(f"{name}: expected a numpy array or torch tensor, got {_describe(x)}")
 
@@ -310,7 +396,8 @@ def linear_sum_assignment(cost: Any, maximize: bool = False) -> tuple[Any, Any]:
         cost: (n, m) cost matrix: numpy array, torch tensor or nested sequence of numbers
             (bool, integer or float; computed in float64). ``+inf`` (``-inf`` when
             ``maximize``) marks a forbidden pair. 0×m and n×0 are allowed.
-        maximize: maximise the total instead of minimising it.
+        maximize: maximise the total instead of minimising it; a bool (``True`` / ``False``
+            or a numpy bool), anything else is a :class:`TypeError`.
 
     Returns:
         ``(row_ind, col_ind)``: int64 index arrays of length ``min(n, m)``, ``row_ind`` sorted
@@ -320,17 +407,35 @@ def linear_sum_assignment(cost: Any, maximize: bool = False) -> tuple[Any, Any]:
     Raises:
         ValueError: ``cost`` is not 2-d, or contains NaN, or ``-inf`` when minimising
             (``+inf`` when maximising); the message names ``cost``.
+        TypeError: ``cost`` holds no real numbers (strings, complex, objects: "Cannot cast
+            array data ...", as scipy), or ``maximize`` is not a bool.
         InfeasibleAssignmentError: (a ``ValueError``) forbidden pairs leave no complete
             assignment; the message contains "infeasible".
+        MemoryError: the float64 copy the solver works on does not fit in memory.
     """
+    if not _is_bool(maximize):
+        raise TypeError(
+            f"maximize: expected a bool (True or False), got {type(maximize).__name__} {maximize!r}"
+        )
     if isinstance(cost, torch.Tensor):
+        _check_tensor(cost, "cost")
         if cost.is_complex():
-            raise ValueError(f"cost: expected a real matrix, got dtype {cost.dtype}")
-        arr = _tensor_to_numpy(cost if cost.dtype == torch.float64 else cost.to(torch.float64))
+            raise TypeError(
+                f"cost: Cannot cast array data from dtype {cost.dtype} to float64 "
+                "(expected a real-valued matrix)"
+            )
+        with _torch_memory("cost"):
+            arr = _tensor_to_numpy(cost if cost.dtype == torch.float64 else cost.to(torch.float64))
     elif isinstance(cost, np.ndarray) or _is_array_like(cost):
-        arr = np.asarray(cost)
+        arr = _asarray(cost, "cost")
+        if arr.ndim != 2:
+            raise ValueError(f"cost: expected a matrix (2-d), got shape {tuple(arr.shape)}")
         if arr.dtype.kind not in "biuf":
-            raise ValueError(f"cost: expected a real-valued matrix, got dtype {arr.dtype}")
+            # scipy's wording (its test suite matches it)
+            raise TypeError(
+                f"cost: Cannot cast array data from {arr.dtype!r} to dtype('float64') "
+                "(expected a real-valued matrix)"
+            )
         arr = np.ascontiguousarray(arr, dtype=np.float64)
     else:
         raise ValueError(f"cost: expected a numpy array or torch tensor, got {_describe(cost)}")

@@ -16,6 +16,7 @@
 //! a few f32 ulp: below the f32 noise of the costs). The block stays f32; the solver widens
 //! each entry to f64 (exactly) as it reads it.
 
+use crate::alloc;
 use crate::error::{KaError, KaResult};
 
 /// Which class cost to use.
@@ -29,24 +30,26 @@ pub enum ClassCost {
 
 impl ClassCost {
     /// Parse `"softmax"` / `"focal"` (errors name `class_cost`, `focal_alpha`, `focal_gamma`).
+    /// The focal parameters are checked whatever the kind: a NaN is never silently accepted.
     pub fn parse(kind: &str, focal_alpha: f64, focal_gamma: f64) -> KaResult<Self> {
+        if !(focal_alpha as f32).is_finite() {
+            return Err(KaError::invalid(
+                "focal_alpha",
+                format!("must be a finite float32 value, got {focal_alpha}"),
+            ));
+        }
+        if !((focal_gamma as f32).is_finite() && focal_gamma >= 0.0) {
+            return Err(KaError::invalid(
+                "focal_gamma",
+                format!("must be finite and >= 0, got {focal_gamma}"),
+            ));
+        }
         match kind {
             "softmax" => Ok(ClassCost::Softmax),
-            "focal" | "sigmoid" => {
-                if !focal_alpha.is_finite() {
-                    return Err(KaError::invalid("focal_alpha", "must be finite"));
-                }
-                if !(focal_gamma.is_finite() && focal_gamma >= 0.0) {
-                    return Err(KaError::invalid(
-                        "focal_gamma",
-                        format!("must be finite and >= 0, got {focal_gamma}"),
-                    ));
-                }
-                Ok(ClassCost::Focal {
-                    alpha: focal_alpha as f32,
-                    gamma: focal_gamma as f32,
-                })
-            }
+            "focal" | "sigmoid" => Ok(ClassCost::Focal {
+                alpha: focal_alpha as f32,
+                gamma: focal_gamma as f32,
+            }),
             _ => Err(KaError::invalid(
                 "class_cost",
                 format!("expected 'softmax' or 'focal', got {kind:?}"),
@@ -87,6 +90,13 @@ impl CostParams {
         ] {
             if !w.is_finite() {
                 return Err(KaError::invalid(name, format!("must be finite, got {w}")));
+            }
+            // the costs are f32: a weight beyond its range would make them all inf
+            if !(w as f32).is_finite() {
+                return Err(KaError::invalid(
+                    name,
+                    format!("{w} is beyond float32's range (the costs are float32)"),
+                ));
             }
         }
         Ok(CostParams {
@@ -301,13 +311,35 @@ fn build_block_impl(
     let t = labels.len();
     debug_assert_eq!(logits.len(), q * k);
     debug_assert_eq!(tboxes.len(), t * 4);
+    // Every buffer is sized by the input (Q, T, K): allocated fallibly, so a block too large
+    // for memory is an error (MemoryError in Python), never an abort.
+    const ARG: &str = "pred_boxes/target_boxes";
+    const WHAT: &str = "the cost block";
+    let named = |e: KaError| match e {
+        KaError::OutOfMemory { bytes, .. } => KaError::OutOfMemory {
+            what: format!(
+                "{ARG}: the {t}x{q} cost block of layer {}, image {}",
+                id.layer, id.image
+            ),
+            bytes,
+        },
+        other => other,
+    };
     fill_pred_soa(ws, boxes, id)?;
     // distinct labels -> slots
     if ws.slot_of_label.len() < k {
-        ws.slot_of_label.resize(k, NO_SLOT);
+        alloc::try_resize(
+            &mut ws.slot_of_label,
+            k,
+            NO_SLOT,
+            "pred_logits",
+            "a label table",
+        )?;
     }
     ws.labels_u.clear();
     ws.slot_of_target.clear();
+    alloc::try_reserve_to(&mut ws.labels_u, t.min(k), ARG, WHAT).map_err(named)?;
+    alloc::try_reserve_to(&mut ws.slot_of_target, t, ARG, WHAT).map_err(named)?;
     for &lab in labels {
         let s = &mut ws.slot_of_label[lab];
         if *s == NO_SLOT {
@@ -320,7 +352,9 @@ fn build_block_impl(
         ws.slot_of_label[lab] = NO_SLOT;
     }
     let nu = ws.labels_u.len();
-    ws.class_rows.resize(nu * q, 0.0); // every entry is overwritten below
+    let rows = alloc::checked_len::<f32>(&[nu, q], ARG, WHAT)?;
+    // every entry is overwritten below
+    alloc::try_resize(&mut ws.class_rows, rows, 0.0, ARG, WHAT).map_err(named)?;
     match params.class_cost {
         ClassCost::Softmax => softmax_rows(ws, logits, k, q, id, simd)?,
         ClassCost::Focal { alpha, gamma } => {
@@ -329,7 +363,9 @@ fn build_block_impl(
         }
     }
     // assemble T×Q
-    ws.cost.resize(t * q, 0.0); // every entry is overwritten below
+    let len = alloc::checked_len::<f32>(&[t, q], ARG, WHAT)?;
+    // every entry is overwritten below
+    alloc::try_resize(&mut ws.cost, len, 0.0, ARG, WHAT).map_err(named)?;
     let wts = [params.cost_class, params.cost_bbox, params.cost_giou];
     let [cx, cy, w, h, x1, y1, x2, y2, area] = &ws.soa;
     let pred = Preds {
@@ -424,7 +460,8 @@ fn block_row(p: &Preds<'_>, t: &Target, cc: &[f32], wts: [f32; 3], out: &mut [f3
 fn fill_pred_soa(ws: &mut CostWorkspace, boxes: &[f32], id: BlockId) -> KaResult<()> {
     let q = boxes.len() / 4;
     for v in ws.soa.iter_mut() {
-        v.resize(q, 0.0); // every entry is overwritten below
+        // every entry is overwritten below
+        alloc::try_resize(v, q, 0.0, "pred_boxes", "a copy of one image's boxes")?;
     }
     let [cx, cy, w, h, x1, y1, x2, y2, area] = &mut ws.soa;
     let mut bad = false;
@@ -526,7 +563,11 @@ fn softmax_rows(
     }
     ws.buf.clear();
     // padded rows (the SIMD tail stores 8 lanes); the AVX2 kernel keeps 8 rows at a time
-    ws.buf.resize(8 * k.next_multiple_of(8), 0.0);
+    let width = k
+        .checked_next_multiple_of(8)
+        .ok_or_else(|| KaError::invalid("pred_logits", format!("K={k} logits is too many")))?;
+    let len = alloc::checked_len::<f32>(&[8, width], "pred_logits", "a softmax buffer")?;
+    alloc::try_resize(&mut ws.buf, len, 0.0, "pred_logits", "a softmax buffer")?;
     let (labels_u, class_rows, buf) = (&ws.labels_u[..], &mut ws.class_rows[..], &mut ws.buf[..]);
     #[cfg(target_arch = "x86_64")]
     let ok = if simd {
@@ -1616,5 +1657,15 @@ mod tests {
             .unwrap_err()
             .to_string()
             .starts_with("cost_bbox:"));
+        // finite in f64, inf in the f32 the costs are computed in
+        assert!(CostParams::new(1.0, 5.0, 1e39, ClassCost::Softmax)
+            .unwrap_err()
+            .to_string()
+            .starts_with("cost_giou: 1000000000000000000000000000000000000000 is beyond"));
+        assert!(ClassCost::parse("focal", 1e300, 2.0)
+            .unwrap_err()
+            .to_string()
+            .starts_with("focal_alpha:"));
+        assert!(ClassCost::parse("focal", 0.25, 1e39).is_err());
     }
 }

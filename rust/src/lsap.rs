@@ -16,8 +16,11 @@
 //! on ties when the costs are bitwise equal.
 //!
 //! All buffers live in an [`LsapWorkspace`] that is reused between problems: nothing is
-//! allocated per augmentation, and nothing per problem once the workspace is warm.
+//! allocated per augmentation, and nothing per problem once the workspace is warm. Buffers
+//! are sized fallibly ([`crate::alloc`]): a problem too large for memory is an error
+//! ([`KaError::OutOfMemory`]), never an abort.
 
+use crate::alloc;
 use crate::error::{KaError, KaResult};
 use ndarray::ArrayView2;
 use std::cell::RefCell;
@@ -370,7 +373,7 @@ impl LsapWorkspace {
         nc: usize,
     ) -> KaResult<&[usize]> {
         debug_assert!(nr <= nc && cost.len() == nr * nc);
-        self.reset(nr, nc);
+        self.reset(nr, nc)?;
         let Self {
             u,
             v,
@@ -473,31 +476,36 @@ impl LsapWorkspace {
         Ok(&self.col4row[..nr])
     }
 
-    fn reset(&mut self, nr: usize, nc: usize) {
-        fn set<T: Copy>(v: &mut Vec<T>, n: usize, x: T) {
+    /// Size every buffer for an `nr × nc` problem (fallibly: the sizes come from the input).
+    fn reset(&mut self, nr: usize, nc: usize) -> KaResult<()> {
+        fn set<T: Copy>(v: &mut Vec<T>, n: usize, x: T) -> KaResult<()> {
             v.clear();
-            v.resize(n, x);
+            alloc::try_resize(v, n, x, "cost", "the solver's buffers")
         }
-        set(&mut self.u, nr, 0.0);
-        set(&mut self.v, nc, 0.0);
-        set(&mut self.shortest, nc, f64::INFINITY);
-        set(&mut self.path, nc, NONE);
-        set(&mut self.col4row, nr, NONE);
-        set(&mut self.row4col, nc, NONE);
-        set(&mut self.pos, nc, NONE);
-        self.remaining.clear();
-        self.remaining.reserve(nc);
-        self.sr.clear();
-        self.sr.reserve(nr);
-        self.sc.clear();
-        self.sc.reserve(nc);
+        fn room(v: &mut Vec<usize>, n: usize) -> KaResult<()> {
+            v.clear();
+            alloc::try_reserve_to(v, n, "cost", "the solver's buffers")
+        }
+        set(&mut self.u, nr, 0.0)?;
+        set(&mut self.v, nc, 0.0)?;
+        set(&mut self.shortest, nc, f64::INFINITY)?;
+        set(&mut self.path, nc, NONE)?;
+        set(&mut self.col4row, nr, NONE)?;
+        set(&mut self.row4col, nc, NONE)?;
+        set(&mut self.pos, nc, NONE)?;
+        room(&mut self.remaining, nc)?;
+        room(&mut self.sr, nr)?;
+        room(&mut self.sc, nc)
     }
 
-    /// Solve any `cost` matrix (any shape, any strides) with scipy's contract; see the module
-    /// docs. Returns `(rows, cols)` with rows ascending.
-    pub fn solve(
+    /// Solve any `cost` matrix (any shape, any strides, f64 or f32 entries, widened exactly)
+    /// with scipy's contract; see the module docs. Returns `(rows, cols)` with rows ascending.
+    /// The f64 copy it works on is allocated fallibly: a matrix too large for memory is
+    /// [`KaError::OutOfMemory`], one whose size overflows (a broadcast input can have any
+    /// shape) is [`KaError::InvalidArgument`], both naming `cost`.
+    pub fn solve<C: CostEntry>(
         &mut self,
-        cost: ArrayView2<f64>,
+        cost: ArrayView2<C>,
         maximize: bool,
     ) -> KaResult<(Vec<usize>, Vec<usize>)> {
         let (n, m) = cost.dim();
@@ -506,53 +514,108 @@ impl LsapWorkspace {
         }
         let transpose = n > m;
         let (nr, nc) = if transpose { (m, n) } else { (n, m) };
+        let what = "a float64 copy of the matrix";
+        let len = alloc::checked_len::<f64>(&[n, m], "cost", what)?;
         let mut scratch = std::mem::take(&mut self.scratch);
-        scratch.resize(n * m, 0.0); // fully overwritten below
+        // fully overwritten below
+        if let Err(e) = alloc::try_resize(&mut scratch, len, 0.0, "cost", what) {
+            self.scratch = scratch;
+            return Err(e);
+        }
         let sign = if maximize { -1.0 } else { 1.0 };
-        // Copy (transposed when tall, negated when maximising) while checking for NaN / -inf
-        // (x - x is NaN exactly for NaN and ±inf; +inf is allowed, so test -inf separately).
-        let mut bad = false;
+        // Copy (transposed when tall, negated when maximising) while checking for NaN / -inf:
+        // `y > -inf` is false exactly for NaN and -inf (+inf, a forbidden pair, is allowed).
+        let mut ok = true;
         for (i, row) in cost.rows().into_iter().enumerate() {
             if transpose {
                 for (j, &x) in row.iter().enumerate() {
-                    let y = sign * x;
-                    bad |= y.is_nan() || y == f64::NEG_INFINITY;
+                    let y = sign * x.to_f64();
+                    ok &= y > f64::NEG_INFINITY;
                     scratch[j * n + i] = y;
                 }
             } else {
                 let out = &mut scratch[i * m..(i + 1) * m];
-                for (o, &x) in out.iter_mut().zip(row.iter()) {
-                    let y = sign * x;
-                    bad |= y.is_nan() || y == f64::NEG_INFINITY;
-                    *o = y;
+                match row.as_slice() {
+                    Some(src) => ok &= copy_checked(src, out, sign),
+                    None => {
+                        for (o, &x) in out.iter_mut().zip(row.iter()) {
+                            let y = sign * x.to_f64();
+                            ok &= y > f64::NEG_INFINITY;
+                            *o = y;
+                        }
+                    }
                 }
             }
         }
+        let bad = !ok;
         let checked = match bad {
             false => Ok(()),
             true => {
-                let ((i, j), _) = cost
+                let (i, j) = cost
                     .indexed_iter()
-                    .find(|(_, &x)| (sign * x).is_nan() || sign * x == f64::NEG_INFINITY)
-                    .unwrap_or(((0, 0), &0.0));
+                    .find(|(_, &x)| {
+                        let y = sign * x.to_f64();
+                        y.is_nan() || y == f64::NEG_INFINITY
+                    })
+                    .map_or((0, 0), |(ij, _)| ij);
                 Err(invalid_entry(i, j))
             }
         };
         let result = checked.and_then(|()| {
             let col4row = self.solve_wide(&scratch, nr, nc)?;
+            let what = "the assignment";
+            let mut rows = alloc::try_with_capacity(nr, "cost", what)?;
+            let mut cols = alloc::try_with_capacity(nr, "cost", what)?;
             if transpose {
                 // rows of the solved problem are the input's columns: sort pairs by input row
-                let mut pairs: Vec<(usize, usize)> =
-                    col4row.iter().enumerate().map(|(c, &r)| (r, c)).collect();
+                let mut pairs = alloc::try_collect(
+                    col4row.iter().enumerate().map(|(c, &r)| (r, c)),
+                    nr,
+                    "cost",
+                    what,
+                )?;
                 pairs.sort_unstable();
-                Ok(pairs.into_iter().unzip())
+                for (r, c) in pairs {
+                    rows.push(r);
+                    cols.push(c);
+                }
             } else {
-                Ok(((0..nr).collect(), col4row.to_vec()))
+                rows.extend(0..nr);
+                cols.extend_from_slice(col4row);
             }
+            Ok((rows, cols))
         });
         self.scratch = scratch;
         result
     }
+}
+
+/// `dst[j] = sign * src[j]` (widened to f64); false when some result is NaN or `-inf`.
+/// Eight independent flags and no branches, so that the loop vectorises.
+#[inline]
+fn copy_checked<C: CostEntry>(src: &[C], dst: &mut [f64], sign: f64) -> bool {
+    const L: usize = 8;
+    let n = src.len().min(dst.len());
+    let (src, dst) = (&src[..n], &mut dst[..n]);
+    let split = n - n % L;
+    let mut ok = [true; L];
+    for (d, s) in dst[..split]
+        .chunks_exact_mut(L)
+        .zip(src[..split].chunks_exact(L))
+    {
+        for k in 0..L {
+            let y = sign * s[k].to_f64();
+            d[k] = y;
+            ok[k] &= y > f64::NEG_INFINITY;
+        }
+    }
+    let mut all = ok.iter().all(|&b| b);
+    for j in split..n {
+        let y = sign * src[j].to_f64();
+        dst[j] = y;
+        all &= y > f64::NEG_INFINITY;
+    }
+    all
 }
 
 /// Check that a row-major matrix with `nc` columns holds no NaN and no `-inf`.
@@ -578,13 +641,13 @@ thread_local! {
     static WORKSPACE: RefCell<LsapWorkspace> = RefCell::new(LsapWorkspace::new());
 }
 
-/// Solve the linear sum assignment problem for `cost` (n×m, f64) with scipy's contract:
+/// Solve the linear sum assignment problem for `cost` (n×m, f64 or f32) with scipy's contract:
 /// returns `(rows, cols)` of the min(n, m) assigned pairs, rows ascending, minimising (or,
 /// with `maximize`, maximising) the total cost. `+inf` = forbidden; NaN / `-inf` →
 /// [`KaError::InvalidArgument`] naming `cost`; no complete assignment → [`KaError::Infeasible`].
 /// Uses a thread-local [`LsapWorkspace`].
-pub fn linear_sum_assignment(
-    cost: ArrayView2<f64>,
+pub fn linear_sum_assignment<C: CostEntry>(
+    cost: ArrayView2<C>,
     maximize: bool,
 ) -> KaResult<(Vec<usize>, Vec<usize>)> {
     WORKSPACE.with(|ws| match ws.try_borrow_mut() {
@@ -830,6 +893,55 @@ mod tests {
             linear_sum_assignment(c.view(), false).unwrap(),
             (vec![1, 2], vec![0, 1])
         );
+    }
+
+    #[test]
+    fn oversized_and_broadcast_matrices() {
+        // 2^28 x 2^28 float64 (2^59 bytes, beyond any address space): never available
+        let one = array![1.0f64];
+        let big = one.broadcast((1 << 28, 1 << 28)).unwrap();
+        let e = linear_sum_assignment(big, false).unwrap_err();
+        assert!(
+            matches!(e, KaError::OutOfMemory { ref what, .. } if what.starts_with("cost:")),
+            "{e}"
+        );
+        // 2^31 x 2^31 float64: the element count fits, the byte count (2^65) cannot exist
+        let e =
+            linear_sum_assignment(one.broadcast((1 << 31, 1 << 31)).unwrap(), true).unwrap_err();
+        assert!(matches!(e, KaError::InvalidArgument { ref arg, .. } if arg == "cost"));
+        // the workspace still works after a refused problem
+        let mut ws = LsapWorkspace::new();
+        assert!(ws.solve(big, false).is_err());
+        let c = array![[4.0, 1.0, 3.0], [2.0, 0.0, 5.0], [3.0, 2.0, 2.0]];
+        assert_eq!(
+            ws.solve(c.view(), false).unwrap(),
+            (vec![0, 1, 2], vec![1, 0, 2])
+        );
+        // a small broadcast matrix is solved like its copy
+        let row = array![3.0, 1.0, 2.0];
+        let b = row.broadcast((2, 3)).unwrap();
+        assert_eq!(
+            linear_sum_assignment(b, false).unwrap(),
+            linear_sum_assignment(b.to_owned().view(), false).unwrap()
+        );
+    }
+
+    #[test]
+    fn f32_entries_are_widened_exactly() {
+        let mut r = Rng(77);
+        for _ in 0..50 {
+            let (n, m) = (1 + r.below(9) as usize, 1 + r.below(9) as usize);
+            let c32 = Array2::from_shape_fn((n, m), |_| (r.unif() * 100.0) as f32);
+            let c64 = c32.mapv(f64::from);
+            for maximize in [false, true] {
+                assert_eq!(
+                    linear_sum_assignment(c32.view(), maximize).unwrap(),
+                    linear_sum_assignment(c64.view(), maximize).unwrap()
+                );
+            }
+        }
+        let c = array![[1.0f32, f32::NAN]];
+        assert!(linear_sum_assignment(c.view(), false).is_err());
     }
 
     #[test]

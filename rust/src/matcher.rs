@@ -10,6 +10,7 @@
 //! image, `pred_idx` / `target_idx` hold min(Q, T_b) pairs per block sorted by `pred_idx`,
 //! with `target_idx` local to the image; `counts[l, b]` is the number of pairs of block (l, b).
 
+use crate::alloc;
 use crate::cost::{self, BlockId, CostParams, CostWorkspace};
 use crate::error::{KaError, KaResult};
 use crate::lsap::LsapWorkspace;
@@ -85,6 +86,7 @@ fn solve_problem(
         ));
     }
     ws.pairs.clear();
+    alloc::try_reserve_to(&mut ws.pairs, t.min(q), "pred_boxes/target_boxes", PAIRS)?;
     if t <= q {
         // rows = targets: the solver's preferred orientation
         let col4row = ws.lsap.solve_wide(block, t, q)?;
@@ -93,7 +95,14 @@ fn solve_problem(
         ws.pairs.sort_unstable();
     } else {
         ws.transposed.clear();
-        ws.transposed.resize(q * t, 0.0);
+        // q * t fits: the T×Q block of the same size was just allocated
+        alloc::try_resize(
+            &mut ws.transposed,
+            q * t,
+            0.0,
+            "pred_boxes/target_boxes",
+            TRANSPOSED,
+        )?;
         for ti in 0..t {
             for qi in 0..q {
                 ws.transposed[qi * t + ti] = block[ti * q + qi];
@@ -103,12 +112,16 @@ fn solve_problem(
         ws.pairs
             .extend(col4row.iter().enumerate().map(|(qi, &ti)| (qi, ti)));
     }
-    Ok(ws
-        .pairs
-        .iter()
-        .map(|&(qi, ti)| (qi as i64, ti as i64))
-        .collect())
+    alloc::try_collect(
+        ws.pairs.iter().map(|&(qi, ti)| (qi as i64, ti as i64)),
+        ws.pairs.len(),
+        "pred_boxes/target_boxes",
+        PAIRS,
+    )
 }
+
+const TRANSPOSED: &str = "a transposed cost block";
+const PAIRS: &str = "the matched pairs";
 
 /// True when every entry is finite. `x * 0` is NaN exactly for non-finite `x`; eight
 /// independent lanes let the loop vectorise (a single running sum is a serial chain
@@ -246,7 +259,13 @@ fn match_layers_impl(
             ),
         ));
     }
-    let mut offsets = Vec::with_capacity(nb + 1);
+    // Every buffer below is sized by the input (a zero-stride input can have any shape):
+    // allocated fallibly, before the loops that read the input element by element.
+    let mut offsets = alloc::try_with_capacity(
+        nb.saturating_add(1),
+        "target_sizes",
+        "the per-image target offsets",
+    )?;
     offsets.push(0usize);
     for (b, &s) in target_sizes.iter().enumerate() {
         if s < 0 {
@@ -255,8 +274,16 @@ fn match_layers_impl(
                 format!("image {b} has a negative size {s}"),
             ));
         }
-        let last = offsets[b];
-        offsets.push(last + s as usize);
+        let next = usize::try_from(s)
+            .ok()
+            .and_then(|s| offsets[b].checked_add(s))
+            .ok_or_else(|| {
+                KaError::invalid(
+                    "target_sizes",
+                    format!("the sizes overflow at image {b} (size {s})"),
+                )
+            })?;
+        offsets.push(next);
     }
     let total = offsets[nb];
     if target_labels.len() != total {
@@ -279,7 +306,7 @@ fn match_layers_impl(
         ));
     }
     let ncls = params.class_cost.num_classes(k);
-    let mut labels = Vec::with_capacity(total);
+    let mut labels = alloc::try_with_capacity(total, "target_labels", "the label indices")?;
     for (i, &lab) in target_labels.iter().enumerate() {
         if lab < 0 || lab as u64 >= ncls as u64 {
             let why = match params.class_cost {
@@ -301,7 +328,7 @@ fn match_layers_impl(
         }
         labels.push(lab as usize);
     }
-    let tboxes = target_boxes.as_standard_layout();
+    let tboxes = alloc::try_standard_layout(target_boxes, "target_boxes")?;
     let tboxes = tboxes
         .as_slice()
         .ok_or_else(|| KaError::invalid("target_boxes", "could not be made contiguous"))?;
@@ -328,8 +355,14 @@ fn match_layers_impl(
         }
     }
     // contiguous views (copies only of non-contiguous inputs)
-    let logits: Vec<_> = pred_logits.iter().map(|a| a.as_standard_layout()).collect();
-    let boxes: Vec<_> = pred_boxes.iter().map(|a| a.as_standard_layout()).collect();
+    let logits = pred_logits
+        .iter()
+        .map(|a| alloc::try_standard_layout(a.view(), "pred_logits"))
+        .collect::<KaResult<Vec<_>>>()?;
+    let boxes = pred_boxes
+        .iter()
+        .map(|a| alloc::try_standard_layout(a.view(), "pred_boxes"))
+        .collect::<KaResult<Vec<_>>>()?;
     let logits: Vec<&[f32]> = logits
         .iter()
         .map(|a| a.as_slice())
@@ -341,13 +374,20 @@ fn match_layers_impl(
         .collect::<Option<_>>()
         .ok_or_else(|| KaError::invalid("pred_boxes", "could not be made contiguous"))?;
 
-    let nprob = nl * nb;
+    let nprob = alloc::checked_len::<KaResult<Vec<(i64, i64)>>>(
+        &[nl, nb],
+        "pred_logits",
+        "the per-block results",
+    )?;
     let work: usize = (0..nb)
-        .map(|b| nq * (k + 8 * (offsets[b + 1] - offsets[b])))
-        .sum::<usize>()
-        * nl;
+        .map(|b| {
+            let t = offsets[b + 1] - offsets[b];
+            nq.saturating_mul(k.saturating_add(t.saturating_mul(8)))
+        })
+        .fold(0usize, usize::saturating_add)
+        .saturating_mul(nl);
     let parallel = pool::worth_parallel(work) && spare_core();
-    let results = pool::map_indices(
+    let results = pool::try_map_indices(
         nprob,
         parallel,
         || (),
@@ -367,15 +407,18 @@ fn match_layers_impl(
                 Err(_) => solve_problem(&mut ProblemWorkspace::default(), &problem, params),
             })
         },
-    );
+        "pred_logits",
+        "the per-block results",
+    )?;
     let m: usize = (0..nb)
         .map(|b| nq.min(offsets[b + 1] - offsets[b]))
-        .sum::<usize>()
-        * nl;
+        .fold(0usize, usize::saturating_add)
+        .saturating_mul(nl);
+    const OUT: &str = "the matched indices";
     let mut out = MatchOutput {
-        pred_idx: Vec::with_capacity(m),
-        target_idx: Vec::with_capacity(m),
-        counts: Vec::with_capacity(nprob),
+        pred_idx: alloc::try_with_capacity(m, "pred_logits", OUT)?,
+        target_idx: alloc::try_with_capacity(m, "pred_logits", OUT)?,
+        counts: alloc::try_with_capacity(nprob, "pred_logits", OUT)?,
         layers: nl,
         images: nb,
     };
@@ -715,6 +758,100 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.starts_with("pred_boxes: got 2 prediction sets"), "{e}");
+    }
+
+    #[test]
+    fn oversized_and_overflowing_inputs_are_errors_not_aborts() {
+        let p = CostParams::detr();
+        // Q = T = 4e5 in one image: the 4e5 x 4e5 f32 block (640 GB) cannot be allocated.
+        // Under `vm.overcommit_memory = 1` the kernel would hand the pages out anyway (and
+        // kill the process filling them): only the other checks run there.
+        let overcommit_always = std::fs::read_to_string("/proc/sys/vm/overcommit_memory")
+            .is_ok_and(|s| s.trim() == "1");
+        if !overcommit_always {
+            let n = 400_000;
+            let logit = Array1::from(vec![0.5f32, -0.5]);
+            let logits = logit.broadcast((1, n, 2)).unwrap();
+            let bx = Array1::from(vec![0.5f32, 0.5, 0.2, 0.2]);
+            let boxes = bx.broadcast((1, n, 4)).unwrap();
+            let labels = Array1::<i64>::zeros(n);
+            let tboxes = bx.broadcast((n, 4)).unwrap();
+            let sizes = Array1::from(vec![n as i64]);
+            let e = match_layer_list(&[logits], &[boxes], labels.view(), tboxes, sizes.view(), &p)
+                .unwrap_err();
+            assert!(matches!(e, KaError::OutOfMemory { .. }), "{e}");
+            assert!(
+                e.to_string().starts_with(
+                    "pred_boxes/target_boxes: the 400000x400000 cost block of layer 0, image 0"
+                ),
+                "{e}"
+            );
+        }
+        // target sizes whose sum overflows (they would wrap to the label count)
+        let sizes = Array1::from(vec![i64::MAX, i64::MAX, 2]);
+        let lg = Array3::<f32>::zeros((3, 2, 3));
+        let bb = Array3::from_elem((3, 2, 4), 0.25f32);
+        let e = match_layer_list(
+            &[lg.view()],
+            &[bb.view()],
+            Array1::<i64>::zeros(0).view(),
+            Array2::<f32>::zeros((0, 4)).view(),
+            sizes.view(),
+            &p,
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("target_sizes: the sizes overflow"),
+            "{e}"
+        );
+        // a broadcast batch of 2^56 images with no queries: refused before any work (its
+        // offsets alone would take 2^59 bytes, beyond any address space)
+        let nb = 1 << 56;
+        let sizes = Array1::from(vec![0i64]);
+        let sizes = sizes.broadcast(nb).unwrap();
+        let empty = Array3::<f32>::zeros((1, 0, 3));
+        let lg = empty.broadcast((nb, 0, 3)).unwrap();
+        let eb = Array3::<f32>::zeros((1, 0, 4));
+        let bb = eb.broadcast((nb, 0, 4)).unwrap();
+        let e = match_layer_list(
+            &[lg],
+            &[bb],
+            Array1::<i64>::zeros(0).view(),
+            Array2::<f32>::zeros((0, 4)).view(),
+            sizes,
+            &p,
+        )
+        .unwrap_err();
+        assert!(matches!(e, KaError::OutOfMemory { .. }), "{e}");
+    }
+
+    #[test]
+    fn broadcast_and_strided_inputs_match_contiguous_copies() {
+        let mut r = Rng(5);
+        let p = CostParams::detr();
+        let bt = random_batch(&mut r, 1, 3, 7, 5, 4, 4);
+        let logits = bt.logits.index_axis(ndarray::Axis(0), 0);
+        let boxes = bt.boxes.index_axis(ndarray::Axis(0), 0);
+        // one image's predictions broadcast over the batch
+        let lg = logits.slice(ndarray::s![0..1, .., ..]);
+        let lg = lg.broadcast((3, 7, 5)).unwrap();
+        let bx = boxes.slice(ndarray::s![0..1, .., ..]);
+        let bx = bx.broadcast((3, 7, 4)).unwrap();
+        let tb_t = bt.tboxes.t().to_owned();
+        let tb = tb_t.t(); // a Fortran-order view
+        let got =
+            match_layer_list(&[lg], &[bx], bt.labels.view(), tb, bt.sizes.view(), &p).unwrap();
+        let want = match_layer_list(
+            &[lg.to_owned().view()],
+            &[bx.to_owned().view()],
+            bt.labels.view(),
+            bt.tboxes.view(),
+            bt.sizes.view(),
+            &p,
+        )
+        .unwrap();
+        assert_eq!(got, want);
     }
 
     #[test]

@@ -13,8 +13,10 @@
 //! `std::thread::available_parallelism()`. With one thread everything runs sequentially on the
 //! caller's thread.
 
+use crate::alloc;
+use crate::error::{KaError, KaResult};
 use rayon::{ThreadPool, ThreadPoolBuilder};
-use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 /// Work (in rough "inner-loop iterations") below which parallelism does not pay off.
@@ -165,30 +167,70 @@ pub fn install<R: Send>(op: impl FnOnce() -> R + Send) -> R {
 /// late (an idle core on a VM can take hundreds of µs) finds less or nothing left, so a
 /// parallel call is never much slower than the sequential loop. (rayon's `install` would
 /// instead park the caller and wait for a pool thread to pick the whole job up.)
+///
+/// For an `n` that comes from user input use [`try_map_indices`]: this one panics where that
+/// one returns an error.
 pub fn map_indices<W, T, I, F>(n: usize, parallel: bool, init: I, f: F) -> Vec<T>
 where
     T: Send,
     I: Fn() -> W + Sync + Send,
     F: Fn(&mut W, usize) -> T + Sync + Send,
 {
+    match try_map_indices(n, parallel, init, f, "n", "the results") {
+        Ok(v) => v,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// [`map_indices`] with its buffers (the `n` results, and the parallel path's bookkeeping)
+/// allocated fallibly: an `n` too large for memory is an error naming `arg` / `what`, before
+/// any item runs, instead of an abort.
+pub fn try_map_indices<W, T, I, F>(
+    n: usize,
+    parallel: bool,
+    init: I,
+    f: F,
+    arg: &str,
+    what: &str,
+) -> KaResult<Vec<T>>
+where
+    T: Send,
+    I: Fn() -> W + Sync + Send,
+    F: Fn(&mut W, usize) -> T + Sync + Send,
+{
+    let mut out = alloc::try_with_capacity(n, arg, what)?;
     if parallel && n > 1 {
         if let Some(p) = pool() {
-            return shared_counter_map(p, n, &init, &f);
+            let done = alloc::try_with_capacity(n, arg, what)?;
+            return shared_counter_map(p, n, &init, &f, done, out, arg, what);
         }
     }
     let mut w = init();
-    (0..n).map(|i| f(&mut w, i)).collect()
+    out.extend((0..n).map(|i| f(&mut w, i)));
+    Ok(out)
 }
 
-/// The parallel path of [`map_indices`]: caller + helpers pull indices from one counter.
-fn shared_counter_map<W, T, I, F>(p: &ThreadPool, n: usize, init: &I, f: &F) -> Vec<T>
+/// The parallel path of [`try_map_indices`]: caller + helpers pull indices from one counter.
+/// `done` and `out` come with room for `n` items.
+#[allow(clippy::too_many_arguments)]
+fn shared_counter_map<W, T, I, F>(
+    p: &ThreadPool,
+    n: usize,
+    init: &I,
+    f: &F,
+    done: Vec<(usize, T)>,
+    mut out: Vec<T>,
+    arg: &str,
+    what: &str,
+) -> KaResult<Vec<T>>
 where
     T: Send,
     I: Fn() -> W + Sync + Send,
     F: Fn(&mut W, usize) -> T + Sync + Send,
 {
     let next = AtomicUsize::new(0);
-    let done: Mutex<Vec<(usize, T)>> = Mutex::new(Vec::with_capacity(n));
+    let done: Mutex<Vec<(usize, T)>> = Mutex::new(done);
+    let failed = AtomicBool::new(false);
     let work = || {
         let mut local = Vec::new();
         let mut w: Option<W> = None; // built only if this thread gets an item
@@ -197,21 +239,34 @@ where
             if i >= n {
                 break;
             }
+            if local.try_reserve(1).is_err() {
+                failed.store(true, Ordering::Relaxed);
+                next.store(n, Ordering::Relaxed); // the others stop too
+                break;
+            }
             let ws = w.get_or_insert_with(init);
             local.push((i, f(ws, i)));
         }
         if !local.is_empty() {
-            // a panic in `f` poisons nothing we rely on: take the data either way
+            // a panic in `f` poisons nothing we rely on: take the data either way.
+            // `done` has room for all n items: appending never reallocates.
             done.lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .append(&mut local);
         }
     };
     run_with_helpers(p, &work);
+    if failed.load(Ordering::Relaxed) {
+        return Err(KaError::OutOfMemory {
+            what: format!("{arg}: {what}"),
+            bytes: n.saturating_mul(std::mem::size_of::<(usize, T)>()),
+        });
+    }
     let mut pairs = done.into_inner().unwrap_or_else(|e| e.into_inner());
     pairs.sort_unstable_by_key(|&(i, _)| i);
     debug_assert_eq!(pairs.len(), n);
-    pairs.into_iter().map(|(_, t)| t).collect()
+    out.extend(pairs.into_iter().map(|(_, t)| t));
+    Ok(out)
 }
 
 /// Run `work` on the calling thread and on every helper of the pool, returning when all are
@@ -291,6 +346,16 @@ mod tests {
         assert_eq!(run_parallel(1000, usize::MAX, |i| i * 2), seq);
         assert_eq!(run_parallel(1000, 0, |i| i * 2), seq);
         assert_eq!(par[999], 1998);
+    }
+
+    #[test]
+    fn try_map_indices_refuses_what_cannot_fit() {
+        for parallel in [false, true] {
+            let e = try_map_indices(1 << 56, parallel, || (), |_, i| i, "n", "x").unwrap_err();
+            assert!(matches!(e, KaError::OutOfMemory { .. }), "{e}");
+            let v = try_map_indices(100, parallel, || (), |_, i| i * 3, "n", "x").unwrap();
+            assert_eq!(v, (0..100).map(|i| i * 3).collect::<Vec<_>>());
+        }
     }
 
     #[test]

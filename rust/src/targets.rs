@@ -33,6 +33,7 @@
 
 use ndarray::{Array1, Array2, ArrayView1, ArrayView2, ArrayView3, Axis};
 
+use crate::alloc;
 use crate::boxes;
 use crate::error::{KaError, KaResult};
 use crate::pool;
@@ -231,15 +232,17 @@ pub fn build_pseudo_targets(
         .map(|t| t.logits.len())
         .fold(0usize, usize::saturating_add);
     // One softmax/sigmoid per logit dominates: parallel over images above the pool's threshold.
-    let per_image = pool::map_indices(
+    let per_image = pool::try_map_indices(
         batch,
         pool::worth_parallel(work),
         || (),
         |_, b| select_image(&teachers, b, config),
-    )
+        "teacher_logits",
+        "the per-image candidates",
+    )?
     .into_iter()
     .collect::<KaResult<Vec<Vec<Candidate>>>>()?;
-    Ok(assemble(&teachers, &per_image, config))
+    assemble(&teachers, &per_image, config)
 }
 
 fn validate<'a>(
@@ -254,6 +257,13 @@ fn validate<'a>(
     };
     let batch = first.logits.dim().0;
     let union = config.num_union_classes;
+    // a table of `union` flags: allocated fallibly, `num_union_classes` is a user value
+    let mut seen = alloc::try_filled(
+        union,
+        false,
+        "num_union_classes",
+        "a table of the union classes",
+    )?;
     let mut out = Vec::with_capacity(teachers.len());
     for (k, t) in teachers.iter().enumerate() {
         let logits_arg = format!("teacher_logits[{k}]");
@@ -297,8 +307,8 @@ fn validate<'a>(
                 ),
             ));
         }
-        let mut seen = vec![false; union];
-        let mut map = Vec::with_capacity(classes);
+        seen.fill(false);
+        let mut map = alloc::try_with_capacity(classes, &map_arg, "the class map")?;
         for (j, &u) in t.local_to_union.iter().enumerate() {
             if u == -1 {
                 map.push(None); // a non-class slot
@@ -333,10 +343,12 @@ fn validate<'a>(
         }
         check_finite(&t.logits, &logits_arg)?;
         check_finite(&t.boxes, &boxes_arg)?;
-        let negative = match t.boxes.as_slice() {
+        // a broadcast input is checked once per distinct box (same first offending index)
+        let distinct = alloc::collapse_broadcast_rows(t.boxes);
+        let qd = distinct.dim().1.max(1);
+        let negative = match distinct.as_slice() {
             Some(s) => s.chunks_exact(4).position(|bx| bx[2] < 0.0 || bx[3] < 0.0),
-            None => t
-                .boxes
+            None => distinct
                 .lanes(Axis(2))
                 .into_iter()
                 .position(|bx| bx[2] < 0.0 || bx[3] < 0.0),
@@ -346,8 +358,8 @@ fn validate<'a>(
                 boxes_arg,
                 format!(
                     "box [{}, {}] has negative width or height (boxes are cxcywh)",
-                    i / q,
-                    i % q
+                    i / qd,
+                    i % qd
                 ),
             ));
         }
@@ -367,6 +379,8 @@ fn check_finite(a: &ArrayView3<'_, f32>, arg: &str) -> KaResult<()> {
     // Fast branch-free scan first (an f32 is non-finite exactly when its exponent bits are all
     // ones; an integer max over them vectorises); locate the offending entry only on failure.
     const EXP: u32 = 0x7f80_0000;
+    // a broadcast input is scanned once per distinct element
+    let a = &alloc::collapse_broadcast(a.view());
     let all_finite = match a.as_slice_memory_order() {
         Some(s) => s.iter().fold(0u32, |acc, v| acc.max(v.to_bits() & EXP)) < EXP,
         None => a.iter().all(|v| v.is_finite()),
@@ -426,7 +440,13 @@ fn select_image(
     b: usize,
     config: &PseudoTargetConfig,
 ) -> KaResult<Vec<Candidate>> {
-    let mut cands = Vec::new();
+    // at most one candidate per query: room for all of them up front (fallibly; a broadcast
+    // input can have any number of queries), so the pushes below never reallocate
+    let queries = teachers
+        .iter()
+        .map(|t| t.logits.dim().1)
+        .fold(0usize, usize::saturating_add);
+    let mut cands = alloc::try_with_capacity(queries, "teacher_logits", "the candidates")?;
     for (k, t) in teachers.iter().enumerate() {
         let logits: ArrayView2<'_, f32> = t.logits.index_axis(Axis(0), b);
         let mut push = |q: usize, row: &[f32]| {
@@ -449,7 +469,8 @@ fn select_image(
                 }
             }
             _ => {
-                let mut scratch = Vec::with_capacity(logits.ncols());
+                let mut scratch =
+                    alloc::try_with_capacity(logits.ncols(), "teacher_logits", "a logit row")?;
                 for (q, row) in logits.outer_iter().enumerate() {
                     scratch.clear();
                     scratch.extend(row.iter().copied());
@@ -469,6 +490,11 @@ fn select_image(
         cands = dedupe(teachers, b, cands, iou)?;
     }
     cands.truncate(config.top_n);
+    if cands.capacity() > 2 * cands.len() + 16 {
+        // keep only what is used until the batch is assembled (room was made for every query)
+        let n = cands.len();
+        return alloc::try_collect(cands, n, "teacher_logits", "the candidates");
+    }
     Ok(cands)
 }
 
@@ -484,7 +510,10 @@ fn dedupe(
         return Ok(cands);
     }
     let n = cands.len();
-    let mut xyxy = Array2::<f64>::zeros((n, 4));
+    const WHAT: &str = "the NMS buffers";
+    let flat = alloc::try_zeroed::<f64>(n.saturating_mul(4), "teacher_boxes", WHAT)?;
+    let mut xyxy = Array2::from_shape_vec((n, 4), flat)
+        .map_err(|e| KaError::invalid("teacher_boxes", format!("internal shape error: {e}")))?;
     for (mut row, c) in xyxy.outer_iter_mut().zip(&cands) {
         let bx = teachers[c.teacher].boxes.index_axis(Axis(0), b);
         let bx = bx.row(c.query);
@@ -501,10 +530,26 @@ fn dedupe(
             cy + 0.5 * h,
         ]));
     }
-    let scores: Array1<f64> = cands.iter().map(|c| c.score).collect();
-    let labels: Array1<i64> = cands.iter().map(|c| c.label as i64).collect();
+    let scores = Array1::from(alloc::try_collect(
+        cands.iter().map(|c| c.score),
+        n,
+        "teacher_logits",
+        WHAT,
+    )?);
+    let labels = Array1::from(alloc::try_collect(
+        cands.iter().map(|c| c.label as i64),
+        n,
+        "teacher_logits",
+        WHAT,
+    )?);
     let keep = boxes::batched_nms(xyxy.view(), scores.view(), labels.view(), iou)?;
-    Ok(keep.into_iter().map(|i| cands[i]).collect())
+    let kept = keep.len();
+    alloc::try_collect(
+        keep.into_iter().map(|i| cands[i]),
+        kept,
+        "teacher_logits",
+        WHAT,
+    )
 }
 
 /// Gather the selected candidates of every image into the flat output.
@@ -512,17 +557,22 @@ fn assemble(
     teachers: &[Teacher<'_>],
     per_image: &[Vec<Candidate>],
     config: &PseudoTargetConfig,
-) -> PseudoTargets {
+) -> KaResult<PseudoTargets> {
     let total: usize = per_image.iter().map(Vec::len).sum();
     let width = config.soft_width();
     let background = config.num_union_classes;
+    // (M, |U| + 1) soft logits: |U| is a user value, so the size is checked and the buffers
+    // allocated fallibly
+    const ARG: &str = "num_union_classes";
+    const WHAT: &str = "the pseudo-targets";
+    let soft = alloc::checked_len::<f32>(&[total, width], ARG, "the soft logits")?;
     let mut out = PseudoTargets {
-        labels: Vec::with_capacity(total),
-        boxes: Vec::with_capacity(total),
-        soft_logits: vec![config.fill_logit; total * width],
-        scores: Vec::with_capacity(total),
-        teacher: Vec::with_capacity(total),
-        counts: Vec::with_capacity(per_image.len()),
+        labels: alloc::try_with_capacity(total, ARG, WHAT)?,
+        boxes: alloc::try_with_capacity(total, ARG, WHAT)?,
+        soft_logits: alloc::try_filled(soft, config.fill_logit, ARG, "the soft logits")?,
+        scores: alloc::try_with_capacity(total, ARG, WHAT)?,
+        teacher: alloc::try_with_capacity(total, ARG, WHAT)?,
+        counts: alloc::try_with_capacity(per_image.len(), ARG, WHAT)?,
     };
     let mut m = 0usize;
     for (b, cands) in per_image.iter().enumerate() {
@@ -549,7 +599,7 @@ fn assemble(
             m += 1;
         }
     }
-    out
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -894,6 +944,50 @@ mod tests {
         assert!(
             e.starts_with("teacher_boxes[0]:") && e.contains("[1, 2]"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn oversized_inputs_are_errors_not_aborts() {
+        let logits = Array3::<f32>::zeros((2, 3, 3));
+        let boxes = boxes_of(2, 3);
+        let map = arr1(&[0i64, 1]);
+        let good = teacher(&logits, &boxes, &map, TeacherKind::Softmax);
+        // a union label space of 2^60 classes: its table cannot be allocated
+        let c = cfg(1 << 60, 0.1, 5, None);
+        let e = build_pseudo_targets(&[good], &c).unwrap_err();
+        assert!(matches!(e, KaError::OutOfMemory { .. }), "{e}");
+        assert!(e.to_string().starts_with("num_union_classes:"), "{e}");
+        // a broadcast teacher with 2^54 queries per image: refused before the scan (room for
+        // its candidates would take 2^59 bytes, beyond any address space)
+        let q = 1 << 54;
+        let row = arr1(&[2.0f32, 0.0, -1.0]);
+        let big = row.broadcast((2, q, 3)).unwrap();
+        let bx = arr1(&[0.5f32, 0.5, 0.1, 0.1]);
+        let big_boxes = bx.broadcast((2, q, 4)).unwrap();
+        let t = TeacherOutputs {
+            logits: big,
+            boxes: big_boxes,
+            local_to_union: map.view(),
+            kind: TeacherKind::Softmax,
+        };
+        let e = build_pseudo_targets(&[t], &cfg(2, 0.1, 5, None)).unwrap_err();
+        assert!(matches!(e, KaError::OutOfMemory { .. }), "{e}");
+        // a small broadcast teacher gives what its copy gives
+        let small = row.broadcast((2, 4, 3)).unwrap();
+        let small_boxes = bx.broadcast((2, 4, 4)).unwrap();
+        let (lo, bo) = (small.to_owned(), small_boxes.to_owned());
+        let t = TeacherOutputs {
+            logits: small,
+            boxes: small_boxes,
+            local_to_union: map.view(),
+            kind: TeacherKind::Softmax,
+        };
+        let c = cfg(2, 0.1, 3, Some(0.5));
+        let copy = teacher(&lo, &bo, &map, TeacherKind::Softmax);
+        assert_eq!(
+            build_pseudo_targets(&[t], &c).unwrap(),
+            build_pseudo_targets(&[copy], &c).unwrap()
         );
     }
 
