@@ -441,8 +441,8 @@ def build_pseudo_targets(
             fill_logit,
             nms_iou,
         )
-    except ValueError as e:
-        raise ValueError(_rename_args(str(e), names)) from None
+    except (ValueError, TypeError, MemoryError) as e:  # the native names -> the user's
+        raise type(e)(_rename_args(str(e), names)) from None
     return _split(labels, out_boxes, soft, scores, teacher, counts, device)
 
 
