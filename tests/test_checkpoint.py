@@ -11,14 +11,17 @@ import numpy as np
 import pytest
 import torch
 from ka_rs.engine.checkpoint import (
+    DIGEST_KEY,
     CheckpointError,
     atomic_save,
     capture_rng_state,
+    checkpoint_digest,
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
 )
 from ka_rs.engine.config import Config
+from ka_rs.engine.logging import OutputError
 from torch import nn
 
 
@@ -107,8 +110,9 @@ def test_atomic_write_keeps_old_file_when_save_fails(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", boom)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OutputError, match="disk full") as exc:
         atomic_save({"v": 2}, path)
+    assert str(exc.value) == f"{path}: disk full"  # names the file (ka-rs prints it as is)
     assert path.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["ck.pt"]  # no temp file left behind
 
@@ -218,3 +222,15 @@ def test_extra_entries_cannot_shadow(tmp_path):
         tmp_path / "x.pt", model=model, class_names=[], extra={"teachers": {"a": "p.pt"}}
     )
     assert load_checkpoint(tmp_path / "x.pt")["teachers"] == {"a": "p.pt"}
+
+
+def test_checkpoints_carry_a_verified_digest(tmp_path):
+    model, opt, sched = make_parts()
+    path = save(tmp_path / "ck.pt", model, opt, sched)
+    raw = torch.load(path, weights_only=True)
+    assert raw[DIGEST_KEY] == checkpoint_digest(raw) and raw[DIGEST_KEY].startswith("sha256:")
+    # every tensor counts, the optimiser's and the RNG state's too
+    raw["rng"]["torch"][0] ^= 1
+    atomic_save(raw, tmp_path / "rng.pt")
+    with pytest.raises(CheckpointError, match="rng.pt.*weights are corrupted"):
+        load_checkpoint(tmp_path / "rng.pt")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from ka_rs.engine.checkpoint import load_checkpoint, load_detector
+from ka_rs.engine.checkpoint import NonFiniteError, load_checkpoint, load_detector
 from ka_rs.engine.config import Config, ConfigError, OptimConfig, TrainConfig, load_config
 from ka_rs.engine.distributed import ResumableDistributedSampler, SeededDataset
 from ka_rs.engine.logging import read_metrics
@@ -200,8 +200,9 @@ def test_resume_of_a_finished_run_does_not_train_more(tmp_path):
 def test_resume_with_another_model_is_a_clear_error(tmp_path):
     train_teacher(tiny_config(tmp_path, "train.max_steps=1"))
     other = tiny_config(tmp_path, "train.max_steps=2", "model.overrides.num_queries=5")
-    with pytest.raises(ValueError, match="checkpoint.pt.*do not fit"):
+    with pytest.raises(ValueError, match="checkpoint.pt.*do not fit") as exc:
         train_teacher(other, resume=True)
+    assert "num_queries = 5 here vs 8 in the checkpoint" in str(exc.value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,6 +289,54 @@ def test_non_finite_loss_stops_with_the_step(tmp_path):
 
     with pytest.raises(FloatingPointError, match="step 1"):
         toy_loop(tmp_path, loss=nan_loss).fit()
+
+
+def test_divergence_keeps_the_last_good_checkpoint(tmp_path):
+    def nan_at_step_3(model, x, mask, noise):
+        calls.append(1)
+        loss = toy_loss(model, x, mask, noise)["loss"]
+        return {"loss": loss * float("nan") if len(calls) == 3 else loss}
+
+    calls: list[int] = []
+    loop = toy_loop(tmp_path, loss=nan_at_step_3, checkpoint_every_steps=1)
+    with pytest.raises(NonFiniteError) as exc:
+        loop.fit()
+    msg = str(exc.value)
+    assert "loss is nan at step 3" in msg
+    assert f"last good checkpoint {tmp_path / 'checkpoint.pt'} (step 2) is kept unchanged" in msg
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert ckpt["step"] == 2
+    assert_same_weights(ckpt["model"], loop.model.state_dict())  # no step after the NaN
+
+
+def test_infinite_gradient_stops_before_the_step(tmp_path):
+    def inf_grad(model, x, mask, noise):
+        out = model(x)
+        # finite loss, infinite gradient: d/dx sqrt(x) at 0
+        return {"loss": torch.sqrt(out.sum() * 0.0).sum() + toy_loss(model, x, mask, noise)["loss"]}
+
+    loop = toy_loop(tmp_path, loss=inf_grad)
+    before = {k: v.clone() for k, v in loop.model.state_dict().items()}
+    batch = toy_collate([loop.dataset.dataset[i] for i in range(4)])
+    with pytest.raises(NonFiniteError, match="gradient norm is (nan|inf) at step 1"):
+        loop.train_step(batch)
+    assert_same_weights(before, loop.model.state_dict())
+
+
+def test_non_finite_weight_is_never_checkpointed(tmp_path):
+    def poison_at_step_3(model, x, mask, noise):
+        calls.append(1)
+        if len(calls) == 3:  # a weight the loss does not use: the loss stays finite
+            with torch.no_grad():
+                model.unused.fill_(float("inf"))
+        return toy_loss(model, x, mask, noise)
+
+    calls: list[int] = []
+    loop = toy_loop(tmp_path, loss=poison_at_step_3, checkpoint_every_steps=1)
+    loop.model.register_buffer("unused", torch.zeros(3))
+    with pytest.raises(NonFiniteError, match=r"'unused' \(0 NaN, 3 inf of 3 values\)"):
+        loop.fit()
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 2
 
 
 def test_toy_loop_resume_mid_epoch_is_exact(tmp_path):

@@ -6,9 +6,13 @@ code) with ``parser.set_defaults(func=...)``. Registration must stay cheap (no t
 module level), so that ``ka-rs --help`` answers at once; import heavy code inside ``func``.
 To add a subcommand, write such a module and append its name here.
 
-User errors (bad config, missing or foreign file, invalid dataset, bad argument values) are
-printed as one line, ``ka-rs <command>: error: <message>``, with exit code 2 and no traceback;
-``--debug`` (or ``KA_RS_DEBUG=1``) shows the traceback instead. Ctrl-C exits with 130.
+User errors (bad config, missing, foreign or corrupted file, invalid dataset, bad argument
+values), failed writes of a run's outputs (full disk, read-only folder: ``<path>: <reason>``,
+see :class:`ka_rs.engine.logging.OutputError`; atomic writes keep the last good checkpoint)
+and a diverged training (NaN / inf loss, gradient or weight; the last good checkpoint is kept)
+are printed as one line, ``ka-rs <command>: error: <message>``, with exit code 2 and no
+traceback; ``--debug`` (or ``KA_RS_DEBUG=1``) shows the traceback instead. Ctrl-C exits with
+130.
 Under ``torchrun`` run it as ``torchrun --nproc-per-node N -m ka_rs.cli train-teacher ...``.
 """
 
@@ -34,8 +38,19 @@ class UserError(Exception):
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
-    # ValueError covers ConfigError, CheckpointError and DatasetError (all ValueError subclasses)
-    return (UserError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+    # ValueError covers ConfigError, CheckpointError and DatasetError (all ValueError
+    # subclasses); OSError covers OutputError (a failed write) and missing / unreadable files;
+    # FloatingPointError covers NonFiniteError (a diverged run)
+    return (UserError, ValueError, OSError, FloatingPointError)
+
+
+def _message(exc: BaseException) -> str:
+    """The one-line message of a user error."""
+    msg = str(exc) or type(exc).__name__
+    if isinstance(exc, OSError) and exc.filename and msg.startswith("[Errno"):
+        # a bare OSError "[Errno 28] No space left on device: 'f'" -> "f: No space left on device"
+        msg = f"{exc.filename}: {exc.strerror or msg}"
+    return " ".join(line.strip() for line in msg.splitlines() if line.strip()) or msg
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,10 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _user_error_types() as exc:
         if debug:
             raise
-        msg = str(exc) or type(exc).__name__
-        if isinstance(exc, FileNotFoundError) and exc.filename and str(exc.filename) not in msg:
-            msg = f"{msg}: {exc.filename}"
-        print(f"ka-rs {args.command}: error: {msg}", file=sys.stderr)
+        print(f"ka-rs {args.command}: error: {_message(exc)}", file=sys.stderr)
         return 2
 
 

@@ -5,7 +5,10 @@
 - :func:`render_report`: ``report.md`` (what ran, the numbers, the figures, the levers used);
 - :func:`render_figures`: ``loss_curves.png``, ``ap_per_class.png`` and ``detections.png``
   (drawn by :mod:`ka_rs.engine.plots`);
-- :func:`results_table`: the console summary.
+- :func:`results_table`: the console summary;
+- :func:`write_report`: ``results.json`` and ``report.md`` written atomically; a failed write
+  (full disk, ...) is a :class:`~ka_rs.engine.logging.OutputError` naming the file, and the
+  previous file stays whole.
 """
 
 from __future__ import annotations
@@ -27,7 +30,14 @@ from ka_rs.demo.student import StudentRun
 from ka_rs.demo.teachers import TeacherRun
 from ka_rs.teachers import Teacher
 
-__all__ = ["build_results", "load_average", "render_figures", "render_report", "results_table"]
+__all__ = [
+    "build_results",
+    "load_average",
+    "render_figures",
+    "render_report",
+    "results_table",
+    "write_report",
+]
 
 _METRICS = ("AP", "AP50", "AP75")
 
@@ -277,6 +287,23 @@ def render_report(results: Mapping[str, Any], cfg: DemoConfig) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def write_report(out: Path, results: Mapping[str, Any], cfg: DemoConfig) -> dict[str, Path]:
+    """Write ``out/results.json`` and ``out/report.md``; ``{"results": path, "report": path}``.
+
+    Raises:
+        OutputError: a write failed (the message names the file and the reason); no partial
+            file is left behind.
+    """
+    import json
+
+    from ka_rs.engine.logging import atomic_write_text
+
+    return {
+        "results": atomic_write_text(out / "results.json", json.dumps(results, indent=2)),
+        "report": atomic_write_text(out / "report.md", render_report(results, cfg)),
+    }
 
 
 def _report_results(results: Mapping[str, Any]) -> list[str]:

@@ -1,7 +1,9 @@
 """``ka-rs`` subcommands of the amalgamation engine: ``amalgamate``, ``demo``, ``ablate``.
 
 Registered by :mod:`ka_rs.cli`. Only argparse is imported at module level; torch and the
-engine load when a command runs.
+engine load when a command runs. A failed write of a run's outputs ends the command with
+``ka-rs <command>: error: <path>: <reason>``
+(:func:`ka_rs.engine.logging.output_errors`).
 """
 
 from __future__ import annotations
@@ -68,9 +70,11 @@ def cmd_amalgamate(args: argparse.Namespace) -> int:
     import json
 
     from ka_rs.engine.amalgamate import amalgamate
+    from ka_rs.engine.logging import output_errors
 
     cfg, resume = load_amalgamate_run_config(args)
-    result = amalgamate(cfg, resume=resume)
+    with output_errors(cfg.train.output_dir):
+        result = amalgamate(cfg, resume=resume)
     if _is_rank0():
         print(json.dumps(result.summary(), indent=2))
     return 0
@@ -94,6 +98,7 @@ def _default_output(prefix: str) -> Path:
 def cmd_demo(args: argparse.Namespace) -> int:
     """Teachers (cached) -> label-free student -> evaluation, table, report, figures."""
     from ka_rs.demo import load_demo_config, run_demo
+    from ka_rs.engine.logging import output_errors
 
     _set_threads(args.threads)
     cfg = load_demo_config(args.config, args.overrides, quick=args.quick)
@@ -102,7 +107,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if args.output
         else _default_output("demo-quick" if args.quick else "demo")
     )
-    res = run_demo(cfg, out, args.cache_dir, fresh=args.fresh, progress=not args.no_progress)
+    with output_errors(out):
+        res = run_demo(cfg, out, args.cache_dir, fresh=args.fresh, progress=not args.no_progress)
     if args.check and not args.quick:
         ratio = res.get("min_ratio_AP50")
         if ratio is None or ratio < 0.9:
@@ -114,6 +120,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_ablate(args: argparse.Namespace) -> int:
     """The loss ablation on the demo's teachers and budget."""
     from ka_rs.demo import VARIANTS, load_demo_config, run_ablation
+    from ka_rs.engine.logging import output_errors
 
     _set_threads(args.threads)
     cfg = load_demo_config(args.config, args.overrides, quick=args.quick)
@@ -127,14 +134,15 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         if args.output
         else _default_output("ablate-quick" if args.quick else "ablate")
     )
-    run_ablation(
-        cfg,
-        out,
-        args.cache_dir,
-        variants=variants,
-        progress=not args.no_progress,
-        reuse=not args.no_reuse,
-    )
+    with output_errors(out):
+        run_ablation(
+            cfg,
+            out,
+            args.cache_dir,
+            variants=variants,
+            progress=not args.no_progress,
+            reuse=not args.no_reuse,
+        )
     return 0
 
 

@@ -5,6 +5,10 @@ Registered by :mod:`ka_rs.cli` (see there for the contract). Only argparse is im
 module level; torch and the engine load when a command runs. :func:`add_config_arguments` and
 :func:`load_run_config` are shared with later commands (``amalgamate``) so that every training
 command takes ``--config`` / ``--set`` / ``--output`` / ``--resume`` the same way.
+
+Every output a command writes goes through :mod:`ka_rs.engine.logging`'s failure-safe
+writers; a failed write surfaces as :class:`~ka_rs.engine.logging.OutputError`, printed as
+``ka-rs <command>: error: <path>: <reason>``.
 """
 
 from __future__ import annotations
@@ -96,11 +100,13 @@ def _toml_str(text: str) -> str:
 def cmd_train_teacher(args: argparse.Namespace) -> int:
     """Train one teacher; print a JSON summary on rank 0."""
     cfg, resume = load_run_config(args)  # config errors surface before torch is imported
+    from ka_rs.engine.logging import output_errors
     from ka_rs.engine.train import summary_json, train_teacher
 
     if args.no_progress:
         cfg.train.progress = False
-    result = train_teacher(cfg, resume=resume)
+    with output_errors(cfg.train.output_dir):
+        result = train_teacher(cfg, resume=resume)
     if _is_rank0():
         if result.eval_result is not None and sys.stderr.isatty():
             from rich.console import Console
@@ -139,13 +145,22 @@ def _parse_subsets(specs: list[str], model_classes: list[str]) -> dict[str, list
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """Evaluate a detector from any teacher source; print a rich table and optionally JSON."""
+    """Evaluate a detector from any teacher source; print a rich table and optionally JSON.
+
+    With ``--skip-invalid`` invalid images and annotations are left out (as training's
+    ``data.skip_invalid`` does) and the counts are printed (and stored under ``skipped`` in
+    the JSON).
+    """
+    import json
+
     import torch
     from rich.console import Console
 
+    from ka_rs.data import DatasetError
     from ka_rs.engine.config import Config, DataConfig, apply_overrides, load_config
     from ka_rs.engine.distributed import cleanup_distributed, init_distributed
     from ka_rs.engine.evaluate import evaluate, make_eval_loader, results_table
+    from ka_rs.engine.logging import atomic_write_text
     from ka_rs.engine.train import build_datasets, preset_hints
     from ka_rs.teachers import load_teacher
 
@@ -180,14 +195,31 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         overrides.append(f"data.image_size={int(args.image_size)}")
     if args.device:
         overrides.append(f"train.device={_toml_str(args.device)}")
+    if args.skip_invalid:
+        overrides.append("data.skip_invalid=true")
     cfg = apply_overrides(cfg, overrides) if overrides else cfg
     # score the model's classes on the full label set (categories matched by name)
     data: DataConfig = cfg.data
     data.classes, data.split, data.teacher = [], "", ""
     info = init_distributed(cfg.train.device)
+    skipped: dict[str, int] | None = None
     try:
         size = teacher.image_size or int(preset_hints(cfg.model.preset).get("image_size", 128))
         _, val_ds, _ = build_datasets(data, image_size=size, train=False)
+        if data.skip_invalid and data.source != "shapes":
+            val_ds, skipped = _without_invalid_images(val_ds)
+            if not skipped["scored_images"]:
+                raise ValueError(
+                    f"--skip-invalid: all {skipped['images']} image(s) of the evaluation data "
+                    "are invalid; nothing to evaluate"
+                )
+            if info.is_main:
+                print(
+                    f"ka-rs evaluate: skipped {skipped['images']} invalid image(s) and "
+                    f"{skipped['annotations']} invalid annotation(s); scoring "
+                    f"{skipped['scored_images']} image(s)",
+                    file=sys.stderr,
+                )
         bs = args.batch_size or cfg.train.eval_batch_size or 2 * cfg.train.batch_size
         loader = make_eval_loader(val_ds, bs, args.num_workers, info)
         loader.generator = torch.Generator().manual_seed(0)
@@ -207,17 +239,53 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             class_head=teacher.head,
             progress=not args.no_progress,
         )
+    except DatasetError as exc:
+        if data.skip_invalid:
+            raise
+        hint = "--skip-invalid leaves invalid images and annotations out"
+        raise DatasetError(exc.file, exc.item, f"{exc.problem} ({hint})") from exc
     finally:
         cleanup_distributed()
     if info.is_main:
+        record = result.to_dict()
+        if skipped is not None:
+            record["skipped"] = skipped
+        text = json.dumps(record, indent=2)
         if args.json == "-":
-            print(result.to_json())
+            print(text)
         else:
             Console().print(results_table(result, title=f"{args.checkpoint}"))
             if args.json:
-                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.json).write_text(result.to_json())
+                atomic_write_text(args.json, text)
     return 0
+
+
+def _without_invalid_images(dataset: Any) -> tuple[Any, dict[str, int]]:
+    """Decode every image of an evaluation dataset built with ``skip_invalid`` once, and
+    leave the unreadable ones out; return it with the counts of what was skipped.
+
+    The check runs up front because a dataset that meets an unreadable image while loading
+    substitutes the next one, and an evaluation would then score that image twice. Skipped
+    images are not scored (their ground truth is not counted either).
+    """
+    import torch
+
+    base = dataset
+    while not hasattr(base, "check_images") and hasattr(base, "dataset"):
+        base = base.dataset
+    if not hasattr(base, "check_images"):
+        return dataset, {"images": 0, "annotations": 0, "scored_images": len(dataset)}
+    bad = set(base.check_images())
+    if bad and len(base) == len(dataset):  # wrappers such as ClassSubset keep every image
+        keep = [i for i in range(len(dataset)) if i not in bad]
+        dataset = torch.utils.data.Subset(dataset, keep)
+    found = list(getattr(base, "skipped", []))
+    counts = {
+        "images": sum(s.kind == "image" for s in found),
+        "annotations": sum(s.kind == "annotation" for s in found),
+        "scored_images": len(dataset),
+    }
+    return dataset, counts
 
 
 def _classes_arg(spec: str | None) -> Any:
@@ -237,11 +305,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
     """Write any teacher source as a ka_rs checkpoint (config, class names, weights)."""
     import json
 
+    from ka_rs.engine.logging import output_errors
     from ka_rs.teachers import load_teacher
     from ka_rs.teachers.convert import save_teacher_checkpoint
 
     teacher = load_teacher(args.source, classes=_classes_arg(args.classes))
-    path = save_teacher_checkpoint(teacher, args.dest)
+    with output_errors(args.dest):
+        path = save_teacher_checkpoint(teacher, args.dest)
     summary = {"source": args.source, "checkpoint": str(path), **teacher.describe()}
     summary.pop("class_names", None)
     summary["num_classes"] = len(teacher.classes)
@@ -258,18 +328,20 @@ def cmd_export_shapes(args: argparse.Namespace) -> int:
     import json
 
     from ka_rs.data import export_shapes
+    from ka_rs.engine.logging import output_errors
 
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
     num: int | dict[str, int] | None = args.num_images
-    res = export_shapes(
-        args.dir,
-        splits=splits,
-        seed=args.seed,
-        num_images=num,
-        image_size=args.image_size,
-        image_format=args.format,
-        progress=not args.no_progress and sys.stdout.isatty(),
-    )
+    with output_errors(args.dir):
+        res = export_shapes(
+            args.dir,
+            splits=splits,
+            seed=args.seed,
+            num_images=num,
+            image_size=args.image_size,
+            image_format=args.format,
+            progress=not args.no_progress and sys.stdout.isatty(),
+        )
     print(json.dumps(res, indent=2))
     return 0
 
@@ -336,6 +408,13 @@ def register(sub: Any) -> None:
     p.add_argument("--num-workers", dest="num_workers", type=int, default=0)
     p.add_argument("--device", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON ('-' = stdout)")
+    p.add_argument(
+        "--skip-invalid",
+        dest="skip_invalid",
+        action="store_true",
+        help="leave invalid images (unreadable, wrong size) and annotations out instead of "
+        "stopping (like data.skip_invalid in training); says how many were skipped",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_evaluate)
 

@@ -38,10 +38,15 @@ __all__ = [
     "TrainConfig",
     "apply_overrides",
     "config_from_dict",
+    "describe_toml_error",
     "dump_toml",
     "load_config",
     "parse_override",
+    "read_toml_file",
 ]
+
+#: integers in a config must fit a signed 64-bit integer (torch / numpy seeds, step counts)
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1
 
 
 class ConfigError(ValueError):
@@ -252,10 +257,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
     if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
         if isinstance(value, float) and value.is_integer():
-            return int(value)
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            if not INT_MIN <= value <= INT_MAX:
+                raise ConfigError(
+                    f"{key}: {value} does not fit a 64-bit integer "
+                    f"(expected {INT_MIN} .. {INT_MAX})"
+                )
+            return value
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -381,22 +391,61 @@ def apply_overrides(cfg: Config, overrides: Iterable[str]) -> Config:
     return config_from_dict(data, source="overrides")
 
 
+def describe_toml_error(exc: Exception, text: str) -> str:
+    """``tomllib``'s message, plus the dotted key for a key given twice.
+
+    tomllib reports a repeated key as "Cannot overwrite a value (at line N, column M)"; this
+    adds "key 'teachers.a' is given more than once" from the line and the table it is in.
+    """
+    import re
+
+    msg = str(exc)
+    m = re.search(r"\(at line (\d+), column \d+\)", msg)
+    if not m or not msg.startswith("Cannot overwrite a value"):
+        return msg
+    lines = text.splitlines()
+    lineno = int(m.group(1))
+    if not 1 <= lineno <= len(lines) or "=" not in lines[lineno - 1]:
+        return msg
+    key = lines[lineno - 1].split("=", 1)[0].strip()
+    table = ""
+    for line in reversed(lines[: lineno - 1]):
+        head = line.strip()
+        if head.startswith("[") and "]" in head:
+            table = head.strip("[]").split("]", 1)[0].strip()
+            break
+    dotted = f"{table}.{key}" if table else key
+    return f"{msg}: key {dotted!r} is given more than once"
+
+
+def read_toml_file(path: str | Path) -> dict[str, Any]:
+    """Parse a TOML config file; :class:`ConfigError` naming it when it is a directory, does
+    not exist, is not UTF-8 or not valid TOML (a repeated key is named)."""
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config file {str(p)!r} is a directory, not a TOML file")
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {str(p)!r} is not UTF-8 text: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {str(p)!r} cannot be read: {exc.strerror or exc}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(
+            f"config file {str(p)!r} is not valid TOML: {describe_toml_error(exc, text)}"
+        ) from None
+
+
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
     """Load a TOML config file (or the defaults when ``path`` is None) and apply overrides."""
     if path is None:
         cfg = Config()
     else:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
-        try:
-            with p.open("rb") as f:
-                data = tomllib.load(f)
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {str(p)!r} is not valid TOML: {exc}") from None
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"config file {str(p)!r} is not UTF-8 text: {exc}") from None
-        cfg = config_from_dict(data, source=str(p))
+        cfg = config_from_dict(read_toml_file(path), source=str(path))
     overrides = list(overrides)
     return apply_overrides(cfg, overrides) if overrides else cfg
 

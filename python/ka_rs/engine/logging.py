@@ -1,29 +1,163 @@
-"""Console logging, rich progress bars, JSON-lines metrics and training-curve plots.
+"""Console logging, rich progress bars, JSON-lines metrics, training-curve plots and the
+failure-safe writing of a run's output files.
 
 Only rank 0 talks: :func:`setup_logging` gives other ranks a WARNING-level logger, progress bars
 are disabled off rank 0 or when stdout is not a terminal (then a plain log line is printed every
 ``log_every_steps`` steps instead), and :class:`MetricsWriter` writes nothing on other ranks.
+
+Output files: every file a run writes (metrics, checkpoints, ``config.toml``, ``eval.json``,
+figures, reports) goes through :func:`atomic_write` / :func:`atomic_write_text` or
+:class:`MetricsWriter`; a failed write (full disk, read-only folder, quota) raises
+:class:`OutputError`, an ``OSError`` whose message is ``<path>: <reason>``, which ``ka-rs``
+prints as one line. Atomic writes go to a temporary file next to the destination that is
+removed when the write fails, so the previous file (the last good checkpoint) stays intact.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import math
+import os
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 __all__ = [
     "MetricsWriter",
+    "OutputError",
+    "atomic_write",
+    "atomic_write_text",
     "get_logger",
     "is_tty",
     "make_progress",
+    "output_errors",
     "plot_training_curves",
     "read_metrics",
+    "save_figure",
     "setup_logging",
 ]
+
+#: errno values that only a write produces: an OSError with one of them and no file name is
+#: attributed to the output being written (see :func:`output_errors`)
+WRITE_ERRNOS = frozenset(
+    e
+    for e in (
+        errno.ENOSPC,
+        getattr(errno, "EDQUOT", None),
+        errno.EROFS,
+        errno.EFBIG,
+    )
+    if e is not None
+)
+
+
+class OutputError(OSError):
+    """Writing one of a run's output files failed; ``str()`` is ``"<path>: <reason>"``.
+
+    Attributes: ``path`` (the output as the run names it, e.g. ``runs/x/metrics.jsonl``, even
+    when it is a link to another file), ``reason`` (the system's message, e.g. ``No space left
+    on device``), and ``errno`` / ``strerror`` / ``filename`` as for any ``OSError``.
+    """
+
+    def __init__(self, path: str | Path, cause: BaseException) -> None:
+        code = cause.errno if isinstance(cause, OSError) else None
+        reason = (cause.strerror if isinstance(cause, OSError) else None) or str(cause)
+        reason = reason or type(cause).__name__
+        super().__init__(code, reason, str(path))
+        self.path = str(path)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable across processes (DDP, workers)
+        return (_rebuild_output_error, (self.path, self.errno, self.reason))
+
+
+def _rebuild_output_error(path: str, code: int | None, reason: str) -> OutputError:
+    return OutputError(path, OSError(code, reason))
+
+
+def _as_output_error(path: str | Path, exc: OSError) -> OutputError:
+    return exc if isinstance(exc, OutputError) else OutputError(path, exc)
+
+
+@contextlib.contextmanager
+def output_errors(default_path: str | Path) -> Iterator[None]:
+    """Turn a write failure raised inside the block into an :class:`OutputError`.
+
+    An ``OSError`` that names its file becomes ``OutputError(<that file>)``; one without a
+    file name whose errno only a write can produce (no space, quota, read-only file system,
+    file too large) becomes ``OutputError(default_path)``. Other errors pass unchanged.
+    """
+    try:
+        yield
+    except OutputError:
+        raise
+    except OSError as exc:
+        if exc.errno in WRITE_ERRNOS:
+            raise OutputError(exc.filename or default_path, exc) from exc
+        raise
+
+
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:
+    """Write a file through ``write(binary_file)`` so that a failure never leaves it torn.
+
+    The data goes to a temporary file in the destination's folder, is flushed and fsynced and
+    then ``os.replace``-d over ``path``: a crash or a full disk leaves the old file (or none),
+    never a partial one, and the temporary file is removed. A destination that exists but is
+    not a regular file (a device such as ``/dev/full`` or ``/dev/stdout``, a FIFO, or a link to
+    one) is written in place instead: it cannot be replaced.
+
+    Raises:
+        OutputError: the write failed (the message names ``path`` and the reason).
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(path, IsADirectoryError(errno.EISDIR, "is a directory, not a file"))
+    if path.exists() and not path.is_file():  # a device or FIFO: write through it
+        try:
+            with path.open("wb") as f:
+                write(f)
+                f.flush()
+        except OSError as exc:
+            raise _as_output_error(path, exc) from exc
+        return path
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _as_output_error(path.parent, exc) from exc
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with tmp.open("wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(exc, OSError):
+            raise _as_output_error(path, exc) from exc
+        raise
+    with contextlib.suppress(OSError):  # make the rename durable (not supported everywhere)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """:func:`atomic_write` of UTF-8 ``text``."""
+    data = text.encode("utf-8")
+    return atomic_write(path, lambda f: f.write(data))
+
 
 LOGGER_NAME = "ka_rs"
 
@@ -131,29 +265,48 @@ class MetricsWriter:
     """Append JSON objects, one per line, to ``path`` (only when ``enabled``; rank 0).
 
     Each record is flushed immediately, so a killed run keeps everything logged so far. Non
-    finite floats are written as ``null``.
+    finite floats are written as ``null``. A failed open or write (full disk, ...) raises
+    :class:`OutputError` naming ``path``; the writer is then closed and writes nothing more.
     """
 
     def __init__(self, path: str | Path, enabled: bool = True) -> None:
         self.path = Path(path)
         self.enabled = enabled
-        self._f = None
+        self._f: IO[str] | None = None
         if enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._f = self.path.open("a", encoding="utf-8")
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._f = self.path.open("a", encoding="utf-8")
+            except OSError as exc:
+                raise _as_output_error(self.path, exc) from exc
 
     def write(self, record: Mapping[str, Any]) -> None:
         """Append one record."""
         if self._f is None:
             return
-        self._f.write(json.dumps(_jsonable(record), allow_nan=False) + "\n")
-        self._f.flush()
+        line = json.dumps(_jsonable(record), allow_nan=False) + "\n"
+        try:
+            self._f.write(line)
+            self._f.flush()
+        except OSError as exc:
+            self._abandon()
+            raise _as_output_error(self.path, exc) from exc
+
+    def _abandon(self) -> None:
+        """Drop the file after a failed write (its unflushed bytes cannot be written)."""
+        f, self._f = self._f, None
+        if f is not None:
+            with contextlib.suppress(OSError):
+                f.close()
 
     def close(self) -> None:
         """Close the file (idempotent)."""
         if self._f is not None:
-            self._f.close()
-            self._f = None
+            f, self._f = self._f, None
+            try:
+                f.close()
+            except OSError as exc:
+                raise _as_output_error(self.path, exc) from exc
 
     def __enter__(self) -> MetricsWriter:
         return self
@@ -237,8 +390,13 @@ def plot_training_curves(
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    try:
+        return save_figure(fig, path, dpi=110)
+    finally:
+        plt.close(fig)
+
+
+def save_figure(fig: Any, path: str | Path, dpi: int = 110) -> Path:
+    """Write a matplotlib figure as PNG with :func:`atomic_write` (:class:`OutputError` on a
+    failed write)."""
+    return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))

@@ -6,6 +6,9 @@
   student.
 * :func:`plot_detections` — a grid of test images with a detector's detections drawn and
   labelled (class name and score), ground truth as thin dashed boxes.
+
+Figures are written atomically; a failed write (full disk, ...) raises
+:class:`~ka_rs.engine.logging.OutputError` naming the PNG.
 """
 
 from __future__ import annotations
@@ -205,8 +208,11 @@ def _np(x: Any) -> Any:
 
 
 def _save(fig: Any, path: str | Path, plt: Any) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    """Write ``fig`` atomically (:class:`~ka_rs.engine.logging.OutputError` naming ``path``
+    when the write fails) and close it either way."""
+    from ka_rs.engine.logging import save_figure
+
+    try:
+        return save_figure(fig, path, dpi=120)
+    finally:
+        plt.close(fig)

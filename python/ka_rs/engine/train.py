@@ -24,6 +24,17 @@ Run folder (``train.output_dir``)::
     eval.json            final evaluation (COCO AP per subset and per class)
     curves.png           AP50 / AP vs training minutes, loss vs step
 
+Divergence: a non-finite loss, a non-finite gradient norm (without the fp16 scaler, which skips
+such steps by design) or a non-finite weight at checkpoint time stops the run with
+:class:`~ka_rs.engine.checkpoint.NonFiniteError` before the optimiser step / the write, so the
+last good ``checkpoint.pt`` is never overwritten; the message names the step and the checkpoint
+kept. A failed write of any output raises :class:`~ka_rs.engine.logging.OutputError` naming the
+file (atomic writes leave the previous file intact).
+
+Resume checks: the checkpoint must be of this loop's ``kind`` (teacher vs student) and its
+weights must fit the model built from the config; when they do not, the error lists the model
+config fields that differ and the first weights of another shape.
+
 Exact resume: data order and augmentation are functions of (seed, epoch, index) only
 (:class:`~ka_rs.engine.distributed.ResumableDistributedSampler`,
 :class:`~ka_rs.engine.distributed.SeededDataset`), DataLoaders draw their worker seeds from
@@ -47,7 +58,10 @@ from torch import nn
 from ka_rs.engine.amp import autocast, check_amp, float_outputs, make_grad_scaler, validate_amp
 from ka_rs.engine.checkpoint import (
     CheckpointError,
+    NonFiniteError,
+    _plain,
     load_checkpoint,
+    non_finite_tensor,
     restore_rng_state,
     save_checkpoint,
 )
@@ -66,6 +80,8 @@ from ka_rs.engine.distributed import (
 )
 from ka_rs.engine.logging import (
     MetricsWriter,
+    OutputError,
+    atomic_write_text,
     get_logger,
     make_progress,
     plot_training_curves,
@@ -75,6 +91,7 @@ from ka_rs.engine.logging import (
 
 __all__ = [
     "LossFn",
+    "NonFiniteError",
     "TrainLoop",
     "TrainResult",
     "TrainState",
@@ -299,6 +316,8 @@ class TrainLoop:
             )
         self.metrics: MetricsWriter | None = None
         self.last_eval_result: Any = None
+        #: step of the last checkpoint written or resumed from, per path
+        self._saved_step: dict[str, int] = {}
         self._t_start = time.perf_counter()
 
     # -- checkpoints
@@ -306,6 +325,13 @@ class TrainLoop:
     def save(self, path: Path | None = None) -> Path | None:
         """Write a checkpoint on rank 0 (atomic); other ranks wait at a barrier."""
         path = path or self.checkpoint_path
+        # every rank checks (the weights are the same everywhere), so that all of them stop
+        bad = non_finite_tensor(unwrap_model(self.model).state_dict())
+        if bad is not None:
+            raise NonFiniteError(
+                f"model weight {bad} is not finite after step {self.state.step}; not writing "
+                f"checkpoint {str(path)!r}"
+            )
         if self.info.is_main:
             st = self.state
             save_checkpoint(
@@ -323,7 +349,9 @@ class TrainLoop:
                 metrics=st.last_eval,
                 kind=self.kind,
                 extra=self._checkpoint_extra(),
+                check_finite=False,  # checked above on every rank
             )
+        self._saved_step[str(path)] = self.state.step
         barrier()
         return path if self.info.is_main else None
 
@@ -346,6 +374,7 @@ class TrainLoop:
                 f"checkpoint {str(path)!r} holds weights only (no optimiser state); cannot resume"
             )
         net = unwrap_model(self.model)
+        _check_weights_fit(net, ckpt, path)
         try:
             net.load_state_dict(ckpt["model"])
         except RuntimeError as exc:
@@ -363,6 +392,7 @@ class TrainLoop:
             self.scheduler.load_state_dict(ckpt["scheduler"])
             # the config may change the milestones on resume: the config wins
             self.scheduler.milestones = type(self.scheduler.milestones)(_milestones(self.optim_cfg))
+        self._warn_learning_rates_kept(path)
         self.state = TrainState(
             step=int(ckpt["step"]),
             epoch=int(ckpt["epoch"]),
@@ -371,6 +401,7 @@ class TrainLoop:
             images_seen=int(ckpt.get("images_seen", 0)),
             last_eval=dict(ckpt.get("metrics") or {}),
         )
+        self._saved_step[str(path)] = self.state.step
         if "rng" in ckpt:
             restore_rng_state(ckpt["rng"])
         if self.scaler is not None:
@@ -391,6 +422,25 @@ class TrainLoop:
                 self.state.batch_in_epoch,
                 self.state.train_minutes,
             )
+
+    def _warn_learning_rates_kept(self, path: str | Path) -> None:
+        """Say so when the config's learning rates differ from those of the resumed optimiser
+        (its state, learning rates included, wins: the resumed run continues exactly)."""
+        wanted = {"main": self.optim_cfg.lr, "backbone": self.optim_cfg.lr_backbone}
+        keys = {"main": "optim.lr", "backbone": "optim.lr_backbone"}
+        for group in self.optimizer.param_groups:
+            name = group.get("name")
+            base = group.get("initial_lr", group.get("lr"))
+            if name in wanted and base is not None and not math.isclose(base, wanted[name]):
+                if self.info.is_main:
+                    log.warning(
+                        "%s = %g in the config, but checkpoint %s was trained with %g: resuming "
+                        "keeps the checkpoint's learning rates (start a new run to change them)",
+                        keys[name],
+                        wanted[name],
+                        path,
+                        base,
+                    )
 
     # -- helpers
 
@@ -425,9 +475,10 @@ class TrainLoop:
     def compute_gradients(self, batch: Batch) -> dict[str, float]:
         """Forward + backward on ``batch`` (gradients averaged over ranks by DDP), no step.
 
-        Returns the loss components as floats. Raises ``FloatingPointError`` naming the step
-        when the loss is not finite. With ``train.amp = "fp16"`` the gradients are left
-        multiplied by the scaler's scale (:meth:`train_step` unscales them).
+        Returns the loss components as floats. Raises :class:`NonFiniteError` (a
+        ``FloatingPointError``) naming the step when the loss is not finite. With
+        ``train.amp = "fp16"`` the gradients are left multiplied by the scaler's scale
+        (:meth:`train_step` unscales them).
         """
         images, mask, targets = batch
         dev = self.info.device
@@ -435,15 +486,26 @@ class TrainLoop:
         mask = mask.to(dev, non_blocking=True)
         targets = move_targets(targets, dev)
         self.model.train()
-        losses = self.loss_fn(self.model, images, mask, targets)
+        try:
+            losses = self.loss_fn(self.model, images, mask, targets)
+        except ValueError as exc:
+            # the matcher / losses refuse NaN or inf predictions ("pred_boxes: non-finite
+            # value at ..."): the model has diverged
+            text = str(exc)
+            if "non-finite" not in text and "not finite" not in text:
+                raise
+            raise NonFiniteError(
+                f"the model's outputs are not finite at step {self.state.step + 1} ({text}); "
+                "stopping before the optimiser step"
+            ) from exc
         loss = losses["loss"]
         comps = {
             k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in losses.items()
         }
         if not math.isfinite(comps["loss"]):
-            raise FloatingPointError(
-                f"loss is {comps['loss']} at step {self.state.step + 1}; stopping "
-                f"(components: {comps})"
+            raise NonFiniteError(
+                f"loss is {comps['loss']} at step {self.state.step + 1}; stopping before "
+                f"the optimiser step (components: {comps})"
             )
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
@@ -458,18 +520,34 @@ class TrainLoop:
         With the fp16 scaler the gradients are unscaled before clipping (the norm and the clip
         see the true gradients), the step is skipped when any gradient is inf/NaN (the norm is
         then inf/NaN) and the scale is updated; ``grad_scale`` is added to the components.
+        Without the scaler an inf/NaN gradient norm raises :class:`NonFiniteError` before the
+        optimiser step (the weights stay as they were).
         """
         comps = self.compute_gradients(batch)
         max_norm = self.optim_cfg.clip_max_norm if self.optim_cfg.clip_max_norm > 0 else math.inf
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            comps["grad_scale"] = float(self.scaler.get_scale())
-        else:
-            self.optimizer.step()
+        if self.scaler is None and not math.isfinite(float(grad_norm)):
+            raise NonFiniteError(
+                f"gradient norm is {float(grad_norm)} at step {self.state.step + 1} (loss "
+                f"{comps['loss']:.4g}); stopping before the optimiser step"
+            )
+        try:
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                comps["grad_scale"] = float(self.scaler.get_scale())
+            else:
+                self.optimizer.step()
+        except RuntimeError as exc:
+            if "overflow" not in str(exc):
+                raise
+            raise NonFiniteError(
+                f"the optimiser step overflowed at step {self.state.step + 1} ({exc}); the "
+                f"learning rates ({', '.join(f'{v:g}' for v in self.lrs().values())}) are "
+                "too large"
+            ) from exc
         return comps, float(grad_norm)
 
     def run_evaluation(self) -> dict[str, float]:
@@ -527,6 +605,18 @@ class TrainLoop:
             text += f"  AP50 {st.last_eval['AP50']:.3f}"
         return text
 
+    def _kept_checkpoint_note(self) -> str:
+        """What a stopped run left on disk (for the divergence message)."""
+        path = self.checkpoint_path
+        if str(path) in self._saved_step:
+            return (
+                f"the last good checkpoint {path} (step {self._saved_step[str(path)]}) is "
+                "kept unchanged"
+            )
+        if path.exists():
+            return f"the existing checkpoint {path} is kept unchanged"
+        return "no checkpoint was written"
+
     def _stop_reason(self) -> str:
         """Why training must stop before the next step ("" = it must not)."""
         cfg, st = self.train_cfg, self.state
@@ -551,7 +641,7 @@ class TrainLoop:
         self._t_start = time.perf_counter()
         if info.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.toml").write_text(dump_toml(self.config_dict))
+            atomic_write_text(self.output_dir / "config.toml", dump_toml(self.config_dict))
             log.info(
                 "training %s: %d images, %d steps/epoch, batch %d × %d process(es), device %s",
                 self.kind,
@@ -663,6 +753,8 @@ class TrainLoop:
                     st.train_minutes,
                     ckpt,
                 )
+        except NonFiniteError as exc:
+            raise NonFiniteError(f"{exc}; {self._kept_checkpoint_note()}") from exc
         finally:
             if self.metrics is not None:
                 self.metrics.close()
@@ -673,8 +765,10 @@ class TrainLoop:
                     self.output_dir / "curves.png",
                     title=f"{self.kind}: {self.output_dir.name}",
                 )
-            except Exception as exc:  # a plot must never fail a finished run
-                log.warning("could not write curves.png: %s", exc)
+            except OutputError:  # the disk is full / read-only: the command must say so
+                raise
+            except Exception as exc:  # a plotting problem must never fail a finished run
+                log.warning("could not draw curves.png: %s", exc)
         return TrainResult(
             output_dir=self.output_dir,
             state=st,
@@ -914,7 +1008,7 @@ def train_teacher(
         result = loop.fit()
         result.eval_result = loop.last_eval_result
         if info.is_main and loop.last_eval_result is not None:
-            (loop.output_dir / "eval.json").write_text(loop.last_eval_result.to_json())
+            atomic_write_text(loop.output_dir / "eval.json", loop.last_eval_result.to_json())
         return result
     finally:
         torch.set_num_threads(threads)
@@ -935,4 +1029,67 @@ def summary_json(result: TrainResult) -> str:
             **{k: v for k, v in result.final_eval.items()},
         },
         indent=2,
+    )
+
+
+def _check_weights_fit(net: nn.Module, ckpt: Mapping[str, Any], path: str | Path) -> None:
+    """Refuse to resume ``net`` from ``ckpt`` when the stored weights do not fit it.
+
+    The error names the model config fields that differ (the checkpoint's ``model_config``
+    vs the model built from the run config) and the weights that are missing, unexpected or of
+    another shape. A config that differs only in fields that leave every weight's shape alone
+    (dropout, loss weights) is allowed, with a warning naming the fields.
+    """
+    stored = ckpt.get("model")
+    if not isinstance(stored, Mapping):
+        return  # load_state_dict reports it
+    fields: list[str] = []
+    stored_cfg = ckpt.get("model_config")
+    mine = getattr(net, "config", None)
+    if isinstance(stored_cfg, Mapping) and stored_cfg and mine is not None:
+        try:
+            mine_cfg = _plain(mine)
+        except TypeError:
+            mine_cfg = None
+        if isinstance(mine_cfg, Mapping):
+            missing_value = object()
+            for key in sorted(set(stored_cfg) | set(mine_cfg)):
+                a, b = mine_cfg.get(key, missing_value), stored_cfg.get(key, missing_value)
+                if a != b:
+                    shown_a = "absent" if a is missing_value else repr(a)
+                    shown_b = "absent" if b is missing_value else repr(b)
+                    fields.append(f"{key} = {shown_a} here vs {shown_b} in the checkpoint")
+    state = net.state_dict()
+    missing = [k for k in state if k not in stored]
+    unexpected = [k for k in stored if k not in state]
+    shapes = [
+        f"{k} {tuple(stored[k].shape)} in the checkpoint vs {tuple(v.shape)} here"
+        for k, v in state.items()
+        if k in stored and torch.is_tensor(stored[k]) and tuple(stored[k].shape) != tuple(v.shape)
+    ]
+    if not (missing or unexpected or shapes):
+        if fields:
+            log.warning(
+                "checkpoint %s: the model config differs (%s); the weights fit, resuming",
+                path,
+                "; ".join(fields),
+            )
+        return
+
+    def listed(items: list[str], n: int = 3) -> str:
+        more = f" (+{len(items) - n} more)" if len(items) > n else ""
+        return ", ".join(items[:n]) + more
+
+    parts = []
+    if fields:
+        parts.append("model config fields differ: " + listed(fields, 6))
+    if shapes:
+        parts.append("weights of another shape: " + listed(shapes))
+    if missing:
+        parts.append(f"{len(missing)} weight(s) absent from the checkpoint: {listed(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} weight(s) this model lacks: {listed(unexpected)}")
+    raise CheckpointError(
+        f"checkpoint {str(path)!r}: its weights do not fit this model ({'; '.join(parts)}); "
+        "resume with the model config the checkpoint was trained with"
     )

@@ -18,16 +18,22 @@ def save_teacher_checkpoint(teacher: Teacher, dest: str | Path) -> Path:
     (``converted_from``). A ka_rs DETR (``detr:``, ``hf:`` DETR, ka_rs checkpoints) is stored
     with its model config; a TA-only transformers teacher (Deformable DETR, RT-DETR, ...) with
     its transformers config and pixel settings under ``external`` (loading it needs
-    transformers). Every ka_rs command and :func:`ka_rs.load_teacher` read either.
+    transformers). Every ka_rs command and :func:`ka_rs.load_teacher` read either. Both carry
+    the tensor digest that loading verifies (:func:`ka_rs.engine.checkpoint.seal_checkpoint`).
 
     Raises:
         ValueError: a teacher that is neither (a detector ka_rs cannot rebuild from data).
+        NonFiniteError: a weight is NaN or infinite (nothing is written).
+        OutputError: writing ``dest`` failed (full disk, ...); no partial file is left.
     """
     from ka_rs.engine.checkpoint import (
         CHECKPOINT_FORMAT,
         CHECKPOINT_VERSION,
+        NonFiniteError,
         atomic_save,
+        non_finite_tensor,
         save_checkpoint,
+        seal_checkpoint,
     )
 
     config = {"data": {"image_size": teacher.image_size}} if teacher.image_size else {}
@@ -49,15 +55,21 @@ def save_teacher_checkpoint(teacher: Teacher, dest: str | Path) -> Path:
             f"{teacher.source}: a {type(teacher).__name__} has no stored form ka_rs can "
             "rebuild; use the source directly"
         )
+    state = {k: v.detach().cpu() for k, v in teacher.model.state_dict().items()}
+    bad = non_finite_tensor(state)
+    if bad is not None:
+        raise NonFiniteError(
+            f"{teacher.source}: weight {bad} is not finite; refusing to write {str(dest)!r}"
+        )
     ckpt: dict[str, Any] = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
         "kind": "teacher",
-        "model": {k: v.detach().cpu() for k, v in teacher.model.state_dict().items()},
+        "model": state,
         "model_config": {},
         "class_names": list(teacher.class_names),
         "config": config,
         "external": external_record(teacher),
         **provenance,
     }
-    return atomic_save(ckpt, dest)
+    return atomic_save(seal_checkpoint(ckpt), dest)

@@ -24,8 +24,9 @@ def load_ka_rs_teacher(path: str | Path, *, classes: Sequence[str | None] | None
         classes: new class names (same length as the checkpoint's), or None to keep its own.
 
     Raises:
-        CheckpointError: missing, corrupt or foreign file, no class names, or a ``classes``
-            list of the wrong length (the message names the file).
+        CheckpointError: missing, corrupt (tensor digest mismatch) or foreign file, NaN / inf
+            weights, no class names, stored class names that do not fit the model's class
+            head, or a ``classes`` list of the wrong length (the message names the file).
     """
     from ka_rs.engine.checkpoint import CheckpointError, detector_from_checkpoint, load_checkpoint
 
@@ -83,6 +84,14 @@ def _external_teacher(
     from ka_rs.teachers.hf import teacher_from_record
 
     stored = list(ckpt.get("class_names") or [])
+    config = record.get("config")
+    id2label = config.get("id2label") if isinstance(config, dict) else None
+    if isinstance(id2label, dict) and id2label and len(id2label) != len(stored):
+        raise CheckpointError(
+            f"checkpoint {str(path)!r}: it lists {len(stored)} class names but its "
+            f"{record.get('model_type')} model's class head has {len(id2label)} labels; the "
+            "names do not belong to these weights"
+        )
     names = list(classes) if classes is not None else stored
     if len(names) != len(stored):
         raise CheckpointError(
