@@ -285,7 +285,9 @@ def _run(
         )
     result = loop.fit()
     if info.is_main and "result" in last:
-        (loop.output_dir / "eval.json").write_text(last["result"].to_json())
+        from ka_rs.engine.logging import atomic_write_text
+
+        atomic_write_text(loop.output_dir / "eval.json", last["result"].to_json())
     net = unwrap_model(loop.model)
     net.eval()
     return AmalgamationResult(

@@ -40,12 +40,8 @@ from ka_rs.engine.config import (
     config_from_dict,
     dump_toml,
     parse_override,
+    read_toml_file,
 )
-
-try:  # Python >= 3.11
-    import tomllib
-except ModuleNotFoundError:  # pragma: no cover
-    import tomli as tomllib  # type: ignore[no-redef]
 
 __all__ = [
     "MODES",
@@ -389,17 +385,7 @@ def load_amalgamate_config(
     if path is None:
         cfg = AmalgamateConfig()
     else:
-        p = Path(path)
-        if p.is_dir():
-            raise ConfigError(f"config file {str(p)!r} is a directory, not a TOML file")
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
-        try:
-            with p.open("rb") as f:
-                data = tomllib.load(f)
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {str(p)!r} is not valid TOML: {exc}") from None
-        cfg = AmalgamateConfig.from_dict(data, source=str(p))
+        cfg = AmalgamateConfig.from_dict(read_toml_file(path), source=str(path))
     return apply_amalgamate_overrides(cfg, overrides, teacher_args, class_args)
 
 
