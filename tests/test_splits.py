@@ -45,7 +45,30 @@ def test_shapes_halves():
     s = get_split("shapes-halves")
     half = len(SHAPES_CLASSES) // 2
     assert s == {"teacher_a": SHAPES_CLASSES[:half], "teacher_b": SHAPES_CLASSES[half:]}
-    assert set(SPLIT_PRESETS) == {"voc-10+10", "coco-40+40", "shapes-halves"}
+    assert set(SPLIT_PRESETS) == {
+        "voc-10+10",
+        "coco-40+40",
+        "shapes-halves",
+        "shapes-thirds-overlap",
+    }
+
+
+def test_shapes_thirds_overlap_each_class_in_one_or_two_teachers():
+    s = get_split("shapes-thirds-overlap")
+    assert list(s) == ["teacher_a", "teacher_b", "teacher_c"]
+    validate_split(s, SHAPES_CLASSES)
+    counts = {c: sum(c in cs for cs in s.values()) for c in SHAPES_CLASSES}
+    assert set(counts.values()) == {1, 2}  # every class is known, some to two teachers
+    assert sorted(c for c, n in counts.items() if n == 2) == ["circle", "diamond", "star"]
+    names = list(s)
+    for i, a in enumerate(names):  # each pair of teachers shares exactly one class
+        for b in names[i + 1 :]:
+            assert len(set(s[a]) & set(s[b])) == 1, (a, b)
+    # the union in teacher order (one index per name) is the shapes class list itself
+    union = list(dict.fromkeys(c for cs in s.values() for c in cs))
+    assert union == SHAPES_CLASSES
+    for cs in s.values():
+        assert len(cs) == len(set(cs)) and cs == sorted(cs, key=SHAPES_CLASSES.index)
 
 
 def test_get_split_returns_fresh_copies():

@@ -8,7 +8,12 @@ A *split* is an ordered mapping ``{teacher name: [class names]}``. Presets
 - ``"coco-40+40"``: the paper's 40 COCO classes to ``teacher_a`` (list in ``NOTES.md``), the
   other 40 to ``teacher_b`` (both in COCO category order);
 - ``"shapes-halves"``: the first four :data:`~ka_rs.data.shapes.SHAPES_CLASSES` to
-  ``teacher_a``, the last four to ``teacher_b``.
+  ``teacher_a``, the last four to ``teacher_b``;
+- ``"shapes-thirds-overlap"``: three teachers over overlapping windows of the eight shapes
+  classes, every class known to one or two teachers and each pair of teachers sharing one:
+  ``teacher_a`` circle, square, triangle, star; ``teacher_b`` star, cross, ring, diamond;
+  ``teacher_c`` circle, diamond, crescent (circle, star and diamond are each known to two).
+  Their union, in teacher order, is :data:`~ka_rs.data.shapes.SHAPES_CLASSES` itself.
 
 User-defined splits are strings ``"name=class,class;name=class,..."`` (:func:`parse_split`),
 e.g. ``"animals=cat,dog;vehicles=car,bus"``; class names may contain spaces. Class sets may
@@ -72,6 +77,12 @@ def _presets() -> dict[str, dict[str, list[str]]]:
         "shapes-halves": {
             "teacher_a": SHAPES_CLASSES[:half],
             "teacher_b": SHAPES_CLASSES[half:],
+        },
+        # windows 0-3, 3-6 and 6-8 + 0 of the class list: each pair of teachers shares a class
+        "shapes-thirds-overlap": {
+            "teacher_a": SHAPES_CLASSES[0:4],
+            "teacher_b": SHAPES_CLASSES[3:7],
+            "teacher_c": [SHAPES_CLASSES[0], *SHAPES_CLASSES[6:8]],
         },
     }
 
