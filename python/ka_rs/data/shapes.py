@@ -623,7 +623,7 @@ def export_shapes(
                 assert sample.image is not None
                 info = ds.image_info(i)
                 info["file_name"] = f"{i:06d}{ext}"
-                sample.image.save(image_dir / info["file_name"], pil_fmt, **save_kw)
+                _write(image_dir / info["file_name"], sample.image.save, pil_fmt, **save_kw)
                 images.append(info)
                 _append_annotations(annotations, info["id"], sample)
                 if bar is not None and task is not None:
@@ -641,8 +641,11 @@ def export_shapes(
                 "categories": _categories(),
             }
             tmp = ann_file.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(payload))
-            os.replace(tmp, ann_file)
+            try:
+                _write(tmp, Path.write_text, json.dumps(payload))
+                os.replace(tmp, ann_file)
+            finally:
+                tmp.unlink(missing_ok=True)
             result["splits"][split] = {
                 "image_dir": str(image_dir),
                 "ann_file": str(ann_file),
@@ -653,3 +656,12 @@ def export_shapes(
         if bar is not None:
             bar.stop()
     return result
+
+
+def _write(path: Path, write: Any, *args: Any, **kwargs: Any) -> None:
+    """``write(path, *args, **kwargs)``; an ``OSError`` (a full disk, a read-only folder)
+    names ``path``."""
+    try:
+        write(path, *args, **kwargs)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
