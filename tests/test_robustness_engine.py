@@ -389,7 +389,9 @@ def test_export_shapes_to_a_full_disk(tmp_path, capsys):
     (root / "val" / "000000.png").symlink_to(DEV_FULL)
     args = ["export-shapes", str(root), "--splits", "val", "--num-images", "2", "--no-progress"]
     assert main(args) == 2
-    one_line_error(capsys, "export-shapes", f"{root}: No space left on device")
+    one_line_error(
+        capsys, "export-shapes", f"{root / 'val' / '000000.png'}: No space left on device"
+    )
 
 
 @needs_dev_full
