@@ -124,15 +124,15 @@ class AmalgamationStep(nn.Module):
         self.options = opt
         self.amp = validate_amp(amp, "amp")
         nms = opt["nms_iou"]
+        kinds = [t.head for t in teachers]
         self._pseudo_kwargs = {
-            "kinds": [t.head for t in teachers],
+            "kinds": kinds,
             "threshold": opt["threshold"],
             "top_n": opt["top_n"],
             "fill_logit": opt["fill_logit"],
             "nms_iou": None if nms is None or nms < 0 else nms,
         }
         head = student_config.class_head
-        kinds = [t.head for t in teachers]
         self.ta_loss = TaskAmalgamationLoss(
             self.label_space.num_classes,
             temperature=opt["temperature"],
@@ -180,13 +180,6 @@ class AmalgamationStep(nn.Module):
         """Parameters the optimiser must train besides the student's (the aggregation hint's)."""
         if self.hint_loss is not None:
             yield from self.hint_loss.parameters()
-
-    def train(self, mode: bool = True) -> AmalgamationStep:
-        """Only the loss modules follow ``mode``; teachers stay in eval mode."""
-        super().train(mode)
-        for t in self.teachers:
-            t.train(False)
-        return self
 
     # -- the step ------------------------------------------------------------------------------
 
