@@ -445,12 +445,10 @@ def detector_from_checkpoint(
     try:
         dcfg = DetrConfig.from_dict(mc)
         student = ckpt.get("student")  # written by ka_rs.engine.amalgamate
-        if student:
-            from ka_rs.models import AmalgamationStudent
+        if student:  # the slot or the compact layout (models.student.student_from_checkpoint)
+            from ka_rs.models.student import student_from_checkpoint
 
-            model = AmalgamationStudent(
-                dcfg, int(student["num_slots"]), bool(student["cross_slot_attention"])
-            )
+            model = student_from_checkpoint(dcfg, student, ckpt.get("model"))
         else:
             model = DETR(dcfg)
     except (TypeError, ValueError, KeyError) as exc:
