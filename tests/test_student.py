@@ -242,3 +242,118 @@ def test_end_to_end_with_build_pseudo_targets(student_variant):
     loss.backward()
     assert student.class_embed.weight.grad.abs().sum() > 0
     assert student.input_proj.weight.grad.abs().sum() > 0
+
+
+# -- per-slot encoder (the default for no-cross students) -------------------------------------
+
+_VARIANTS = {
+    "detr": {"variant": "detr"},
+    "anchor": {"variant": "anchor", "box_prior": True},
+    "two_stage": {"variant": "anchor", "box_prior": True, "dense_aux": True, "two_stage": True},
+}
+
+
+def _encoder_calls(student):
+    """Record the (tokens shape, attn_mask given) of every encoder call of ``student``."""
+    calls = []
+
+    def hook(module, args):
+        src, attn_mask = args[0], args[3] if len(args) > 3 else None
+        calls.append((tuple(src.shape), attn_mask is not None))
+
+    return calls, student.transformer.encoder.register_forward_pre_hook(hook)
+
+
+def _flat_outputs(out) -> dict[str, torch.Tensor]:
+    flat = {"pred_logits": out.pred_logits, "pred_boxes": out.pred_boxes}
+    for i, aux in enumerate(out.aux_outputs):
+        flat[f"aux{i}_logits"], flat[f"aux{i}_boxes"] = aux["pred_logits"], aux["pred_boxes"]
+    for i, seq in enumerate(out.sequences):
+        flat[f"sequence{i}"] = seq
+    for key, value in (out.enc_outputs or {}).items():
+        if value.is_floating_point():
+            flat[f"enc_{key}"] = value
+    return flat
+
+
+@pytest.mark.parametrize("variant", list(_VARIANTS))
+@pytest.mark.parametrize("n", [2, 3])
+def test_per_slot_encoder_matches_the_masked_encoder(n, variant):
+    """Per-slot and masked encoders give the same predictions, sequences (every SA hook
+    point), auxiliary outputs and gradients, with padding; the per-slot one runs N·B sequences
+    of S tokens without an attention mask."""
+    import copy
+
+    torch.manual_seed(n)
+    teachers = [_cfg(2, **_VARIANTS[variant]) for _ in range(n)]
+    per_slot = build_student(teachers, num_classes=2 * n)
+    assert per_slot.slot_encoder == "per_slot"  # the default
+    masked = copy.deepcopy(per_slot)
+    masked.slot_encoder = "masked"
+    images, mask = _images(b=3, seed=n)
+    s = (16 // 4) * (20 // 4)
+    outs, grads = [], []
+    for model in (per_slot, masked):
+        calls, handle = _encoder_calls(model)
+        out = model(images, mask)  # train mode (dropout 0): gradients below
+        handle.remove()
+        expected = (3 * n, s, D) if model is per_slot else (3, n * s, D)
+        assert calls == [(expected, model is masked)]
+        flat = _flat_outputs(out)
+        # a loss touching every output, so every parameter's gradient is compared
+        g = torch.Generator().manual_seed(0)
+        loss = sum((v * torch.randn(v.shape, generator=g)).sum() for v in flat.values())
+        model.zero_grad()
+        loss.backward()
+        outs.append({k: v.detach() for k, v in flat.items()})
+        grads.append({k: p.grad for k, p in model.named_parameters() if p.grad is not None})
+    assert outs[0].keys() == outs[1].keys() and len(outs[0]) >= 7
+    for key in outs[0]:
+        assert outs[0][key].shape == outs[1][key].shape, key
+        assert torch.allclose(outs[0][key], outs[1][key], atol=1e-5, rtol=1e-4), key
+    assert grads[0].keys() == grads[1].keys()
+    assert "transformer.encoder.layers.0.self_attn.in_proj_weight" in grads[0]
+    for key in grads[0]:
+        assert torch.allclose(grads[0][key], grads[1][key], atol=1e-4, rtol=1e-3), key
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_slot_encoder_choice_only_changes_the_no_cross_student(cross):
+    """With cross-slot attention (or one slot) both settings run the one full encoder."""
+    n = 2
+    student = build_student([_cfg()] * n, 4, cross_slot_attention=cross).eval()
+    images, mask = _images()
+    calls, handle = _encoder_calls(student)
+    with torch.no_grad():
+        student(images, mask)
+        student.slot_encoder = "masked"
+        student(images, mask)
+    handle.remove()
+    if cross:
+        assert calls == [((2, n * 20, D), False)] * 2
+    else:
+        assert calls == [((2 * n, 20, D), False), ((2, n * 20, D), True)]
+    one = build_student([_cfg()] * n, 4, num_slots=1)
+    calls, handle = _encoder_calls(one)
+    one(images, mask)
+    handle.remove()
+    assert calls == [((2, 20, D), False)]
+    with pytest.raises(ValueError, match="slot_encoder"):
+        build_student([_cfg()] * n, 4, slot_encoder="blocky")
+
+
+def test_per_slot_encoder_under_bf16_autocast_matches_masked():
+    """Mixed precision (attention in float32 under autocast) works per slot too."""
+    import copy
+
+    torch.manual_seed(0)
+    per_slot = build_student([_cfg(2, **_VARIANTS["two_stage"])] * 2, 4).eval()
+    masked = copy.deepcopy(per_slot)
+    masked.slot_encoder = "masked"
+    images, mask = _images(seed=3)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = per_slot(images, mask), masked(images, mask)
+    for seq_a, seq_b in zip(a.sequences, b.sequences, strict=True):
+        assert seq_a.dtype == torch.bfloat16 and torch.isfinite(seq_a.float()).all()
+        assert torch.allclose(seq_a.float(), seq_b.float(), atol=0.05, rtol=0.05)
+    assert torch.allclose(a.pred_boxes.float(), b.pred_boxes.float(), atol=0.02)

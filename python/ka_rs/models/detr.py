@@ -8,7 +8,8 @@ Reading order of :meth:`DETR.forward`:
    encoder tokens (B, S, d), their positions (B, S, d), padding mask (B, S) and an optional
    encoder attention mask (S, S). The default projects with ``input_proj`` (1×1 conv C -> d)
    and flattens the h·w cells into S = h·w tokens.
-4. ``transformer.encoder``: every layer's output (B, S, d) and the memory.
+4. :meth:`DETR.encode` (a second hook; default ``transformer.encoder``): every layer's output
+   (B, S, d) and the memory.
 5. :meth:`DETR.decode`: learned queries attend to the memory; the class head and the 3-layer MLP
    box head run on every decoder layer's output.
 
@@ -278,9 +279,9 @@ class DETR(nn.Module):
     (Linear d -> K), ``bbox_embed`` (MLP d -> d -> d -> 4).
 
     Subclassing (the amalgamation student): override :meth:`encoder_input` to change how the
-    feature map becomes encoder tokens, and replace ``self.input_proj`` after
-    ``super().__init__`` if the projection's width changes. Everything else (encoder, decoder,
-    heads, :class:`DetrOutput` assembly) is reused unchanged.
+    feature map becomes encoder tokens, :meth:`encode` to change how the encoder runs on them,
+    and replace ``self.input_proj`` after ``super().__init__`` if the projection's width
+    changes. Everything else (decoder, heads, :class:`DetrOutput` assembly) is reused unchanged.
     """
 
     def __init__(self, config: DetrConfig) -> None:
@@ -357,6 +358,22 @@ class DETR(nn.Module):
             attn_mask=None,
         )
 
+    def encode(self, enc: EncoderInput, padding: Tensor | None) -> tuple[list[Tensor], Tensor]:
+        """Run the encoder on :meth:`encoder_input`'s tokens (**override point**).
+
+        Args:
+            enc: the encoder input: tokens and pos (B, S, d), attn_mask (S, S) or None.
+            padding: (B, S) bool padding mask (True = padded token), or None when no token is
+                padded.
+
+        Returns:
+            ``(layer_outputs, memory)`` as :class:`~ka_rs.models.transformer.TransformerEncoder`
+            returns them: every layer's output (B, S, d) before the final norm, and the memory
+            (B, S, d). A subclass may compute the same thing differently (the amalgamation
+            student runs its block-diagonal attention as independent per-slot sequences).
+        """
+        return self.transformer.encoder(enc.tokens, enc.pos, padding, enc.attn_mask)
+
     # -- forward ----------------------------------------------------------------------------
 
     def forward(self, images: Tensor, mask: Tensor | None = None) -> DetrOutput:
@@ -391,9 +408,7 @@ class DETR(nn.Module):
         enc = self.encoder_input(features, feat_mask, pos)
         # an all-False padding mask changes nothing but keeps attention off its fast path
         padding = enc.padding_mask if bool(enc.padding_mask.any()) else None
-        layer_outputs, memory = self.transformer.encoder(
-            enc.tokens, enc.pos, padding, enc.attn_mask
-        )
+        layer_outputs, memory = self.encode(enc, padding)
         cell_xy = token_centres(feat_mask)
         token_xy = tile_centres(cell_xy, memory.shape[1])
         enc_outputs = None

@@ -18,6 +18,21 @@ encoder. The decoder's cross-attention always sees the whole N·S memory. The cl
 the union label space (|U|+1 softmax logits for the ``"detr"`` variant, |U| sigmoid logits for
 ``"anchor"``).
 
+**Per-slot encoder** (``slot_encoder="per_slot"``, the default): the block-diagonal mask lets a
+token see only its own slot, so the no-cross encoder is N independent encoders over S tokens
+sharing weights. :meth:`AmalgamationStudent.encode` runs it that way -- the (B, N·S, d) tokens
+viewed as (N·B, S, d) sequences (padding mask likewise, no attention mask), the results viewed
+back as (B, N·S, d) -- which computes N attention blocks of S×S instead of the N² blocks of the
+masked (N·S)×(N·S) attention (``slot_encoder="masked"``, kept for the equivalence tests). Both
+give the same sequences, memory and predictions to float rounding. The decoder still
+cross-attends to all N·S tokens.
+
+**Compact layout** (:class:`CompactAmalgamationStudent`, an extension beyond the paper): the
+encoder works on ONE teacher's token count. The N-chunk input projection is merged per
+position into one (B, S, d) sequence by a learned softmax gate over the N chunks, and SA
+compares the student with teacher k through *teacher views*: the chunk k itself at the input
+point, a per-teacher linear head of the student's single sequence at every encoder layer.
+
 With ``num_slots=1`` the student is a plain DETR over the union (the one-slot student of the
 prior-KA "aggregation" baseline, :class:`ka_rs.losses.AggregationHintLoss`).
 """
@@ -25,15 +40,33 @@ prior-KA "aggregation" baseline, :class:`ka_rs.losses.AggregationHintLoss`).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from ka_rs.models.detr import DETR, DetrConfig, EncoderInput
+from ka_rs.models.detr import DETR, DetrConfig, DetrOutput, EncoderInput
 
-__all__ = ["AmalgamationStudent", "build_student", "slot_attention_mask"]
+__all__ = [
+    "SLOT_ENCODERS",
+    "STUDENT_LAYOUTS",
+    "AmalgamationStudent",
+    "CompactAmalgamationStudent",
+    "CompactStudentOutput",
+    "build_student",
+    "slot_attention_mask",
+    "student_from_checkpoint",
+]
+
+#: how a no-cross N-slot student runs its encoder: ``"per_slot"`` (N·B sequences of S tokens,
+#: the default) or ``"masked"`` (one (N·S)×(N·S) attention with the block-diagonal mask)
+SLOT_ENCODERS = ("per_slot", "masked")
+
+#: ``"slots"`` (N·S encoder tokens, the paper's student) or ``"compact"`` (S tokens, SA through
+#: teacher views; :class:`CompactAmalgamationStudent`)
+STUDENT_LAYOUTS = ("slots", "compact")
 
 
 def slot_attention_mask(
@@ -57,10 +90,17 @@ class AmalgamationStudent(DETR):
         num_slots: N ≥ 1, one slot per teacher (1 = plain one-slot student).
         cross_slot_attention: False (default) = block-diagonal encoder attention, each slot
             attends only to itself; True = full attention over all N·S tokens.
+        slot_encoder: how the no-cross encoder runs (see :data:`SLOT_ENCODERS`):
+            ``"per_slot"`` (default) = N·B independent sequences of S tokens, ``"masked"`` =
+            one masked attention over N·S tokens. Same result to float rounding; ignored with
+            cross-slot attention or one slot. Not stored in checkpoints (it is no weight).
 
     Attributes:
+        layout: ``"slots"`` (class attribute; :class:`CompactAmalgamationStudent`:
+            ``"compact"``).
         num_slots: N.
         cross_slot_attention: as given.
+        slot_encoder: as given (may be changed on a built model).
         input_proj: ``Conv2d(C, N·d, 1)``.
 
     ``forward(images (B, 3, H, W), mask (B, H, W) | None)`` returns a
@@ -68,14 +108,24 @@ class AmalgamationStudent(DETR):
     ``[k·S, (k+1)·S)``) and whose ``padding_mask`` is (B, N·S).
     """
 
+    layout: ClassVar[str] = "slots"
+
     def __init__(
-        self, config: DetrConfig, num_slots: int, cross_slot_attention: bool = False
+        self,
+        config: DetrConfig,
+        num_slots: int,
+        cross_slot_attention: bool = False,
+        *,
+        slot_encoder: str = "per_slot",
     ) -> None:
         if isinstance(num_slots, bool) or not isinstance(num_slots, int) or num_slots < 1:
             raise ValueError(f"num_slots: expected a positive integer, got {num_slots!r}")
+        if slot_encoder not in SLOT_ENCODERS:
+            raise ValueError(f"slot_encoder: expected one of {SLOT_ENCODERS}, got {slot_encoder!r}")
         super().__init__(config)
         self.num_slots = num_slots
         self.cross_slot_attention = bool(cross_slot_attention)
+        self.slot_encoder = slot_encoder
         if num_slots > 1:
             self.input_proj = nn.Conv2d(
                 self.backbone.num_channels, num_slots * config.hidden_dim, kernel_size=1
@@ -137,8 +187,199 @@ class AmalgamationStudent(DETR):
             attn_mask=self._attn_mask(s, x.device),
         )
 
+    def encode(self, enc: EncoderInput, padding: Tensor | None) -> tuple[list[Tensor], Tensor]:
+        """Run the encoder; with the block-diagonal mask, one slot at a time (batched).
+
+        Args:
+            enc: :meth:`encoder_input`'s result: tokens and pos (B, N·S, d), attn_mask
+                (N·S, N·S) block-diagonal or None.
+            padding: (B, N·S) bool (True = padded token) or None.
+
+        Returns:
+            ``(layer_outputs, memory)``, each (B, N·S, d) in the slot layout. With
+            ``slot_encoder="per_slot"`` and the block-diagonal mask, the encoder runs on the
+            (N·B, S, d) view of the tokens (sequence ``b·N + k`` = slot k of image b) without
+            an attention mask: the N² − N masked blocks are never computed. Otherwise (cross-slot
+            attention, one slot, ``"masked"``) it is :meth:`DETR.encode`.
+        """
+        n = self.num_slots
+        if enc.attn_mask is None or n == 1 or self.slot_encoder == "masked":
+            return super().encode(enc, padding)
+        b, tokens, d = enc.tokens.shape
+        s = self.slot_len(tokens)
+        # (B, N·S, d) is (B, N, S, d) in memory: (N·B, S, d) is a view, not a copy
+        outputs, memory = self.transformer.encoder(
+            enc.tokens.reshape(b * n, s, d),
+            enc.pos.reshape(b * n, s, d),
+            None if padding is None else padding.reshape(b * n, s),
+            None,
+        )
+        return [o.reshape(b, tokens, d) for o in outputs], memory.reshape(b, tokens, d)
+
     def extra_repr(self) -> str:
-        return f"num_slots={self.num_slots}, cross_slot_attention={self.cross_slot_attention}"
+        return (
+            f"layout={self.layout}, num_slots={self.num_slots}, "
+            f"cross_slot_attention={self.cross_slot_attention}, slot_encoder={self.slot_encoder}"
+        )
+
+
+@dataclass
+class CompactStudentOutput(DetrOutput):
+    """:class:`~ka_rs.models.DetrOutput` of a :class:`CompactAmalgamationStudent`.
+
+    ``sequences`` are the student's own hook-point sequences, each (B, S, d) (S = one teacher's
+    token count); ``padding_mask`` is (B, S).
+
+    Attributes:
+        teacher_views: what SA compares with the teachers, one (B, N·S, d) tensor per hook
+            point in the slot layout (tokens ``[k·S, (k+1)·S)`` = the student's view of teacher
+            k): at the input point the N chunks of the input projection before they are merged,
+            at encoder layer l the per-teacher linear heads ``sa_heads[l-1][k]`` of the
+            student's sequence. Computed in train mode only (inference skips the heads); None
+            in eval mode.
+    """
+
+    teacher_views: list[Tensor] | None = None
+
+    _KEYS = (*DetrOutput._KEYS, "teacher_views")
+
+
+class CompactAmalgamationStudent(AmalgamationStudent):
+    """An amalgamation student whose encoder sees ONE teacher's token count (an extension).
+
+    The input projection emits N·d channels (chunk k = the student's copy of teacher k's
+    projected input, as in the slot layout); a learned per-position softmax gate merges them
+    into one (B, S, d) sequence before the encoder::
+
+        x (B, N·d, h, w) = input_proj(features);   x_k = chunk k (B, S, d)
+        g (B, N, S) = softmax_k(slot_merge(x))      # 1×1 conv N·d -> N
+        tokens = Σ_k g_k · x_k                      # (B, S, d): the encoder's input
+
+    The encoder and decoder run on S tokens (the cost of one teacher). SA reaches teacher k
+    through :attr:`CompactStudentOutput.teacher_views`: chunk x_k at the input point and
+    ``sa_heads[l-1][k]`` (Linear d -> d) of the student's encoder layer l output. The heads only
+    run in train mode: inference costs the one-teacher encoder plus the N·d projection and the
+    gate.
+
+    Initialisation: the gate starts at zero (an equal-weight average of the chunks) and every
+    head at the identity. A student whose chunks all carry one teacher's projection (after
+    ``init_from``) therefore reproduces that teacher exactly at step 0.
+
+    Args:
+        config: the detector config (``num_classes`` = |U|).
+        num_slots: N ≥ 2, the number of SA teachers (views). One teacher needs no compaction:
+            use :class:`AmalgamationStudent` with one slot.
+
+    ``forward(images, mask)`` returns a :class:`CompactStudentOutput`.
+    """
+
+    layout: ClassVar[str] = "compact"
+
+    def __init__(self, config: DetrConfig, num_slots: int) -> None:
+        if isinstance(num_slots, bool) or not isinstance(num_slots, int) or num_slots < 2:
+            raise ValueError(
+                f"num_slots: the compact student merges N >= 2 teachers' slots, got {num_slots!r}"
+            )
+        super().__init__(config, num_slots, cross_slot_attention=False)
+        n, d = num_slots, config.hidden_dim
+        self.slot_merge = nn.Conv2d(n * d, n, kernel_size=1)
+        nn.init.zeros_(self.slot_merge.weight)
+        nn.init.zeros_(self.slot_merge.bias)
+        self.sa_heads = nn.ModuleList(
+            nn.ModuleList(nn.Linear(d, d) for _ in range(n)) for _ in range(config.enc_layers)
+        )
+        with torch.no_grad():
+            for heads in self.sa_heads:
+                for head in heads:
+                    head.weight.copy_(torch.eye(d))
+                    head.bias.zero_()
+        self._slot_tokens: Tensor | None = None
+
+    def encoder_input(self, features: Tensor, mask: Tensor, pos: Tensor) -> EncoderInput:
+        """Project to N chunks and merge them per position into one sequence.
+
+        Args:
+            features: backbone feature map (B, C, h, w).
+            mask: (B, h, w) bool, True = padded cell.
+            pos: sine positional encoding (B, d, h, w).
+
+        Returns:
+            :class:`~ka_rs.models.detr.EncoderInput`: tokens (B, S, d) (the merged sequence),
+            pos (B, S, d), padding_mask (B, S), attn_mask None. In train mode the unmerged
+            chunks, (B, N·S, d) in the slot layout, are kept for :meth:`forward`'s teacher views.
+        """
+        x = self.input_proj(features)  # (B, N·d, h, w)
+        b, _, h, w = x.shape
+        n, d, s = self.num_slots, self.config.hidden_dim, h * w
+        chunks = x.reshape(b, n, d, s)
+        gate = self.slot_merge(x).reshape(b, n, 1, s).softmax(dim=1)  # (B, N, 1, S)
+        tokens = (gate * chunks).sum(dim=1).transpose(1, 2)  # (B, S, d)
+        self._slot_tokens = chunks.transpose(2, 3).reshape(b, n * s, d) if self.training else None
+        return EncoderInput(
+            tokens=tokens,
+            pos=pos.flatten(2).transpose(1, 2),
+            padding_mask=mask.flatten(1),
+            attn_mask=None,
+        )
+
+    def forward(self, images: Tensor, mask: Tensor | None = None) -> CompactStudentOutput:
+        """Detect objects; in train mode also compute the teacher views for SA.
+
+        Args:
+            images: (B, 3, H, W) float, normalised.
+            mask: (B, H, W) bool, True = padded pixel; None = no padding.
+
+        Returns:
+            :class:`CompactStudentOutput`: ``sequences`` (B, S, d) per hook point,
+            ``padding_mask`` (B, S), ``teacher_views`` (B, N·S, d) per hook point (train mode)
+            or None (eval mode).
+        """
+        self._slot_tokens = None
+        try:
+            out = super().forward(images, mask)
+            slot_tokens = self._slot_tokens
+        finally:
+            self._slot_tokens = None
+        views: list[Tensor] | None = None
+        if self.training:
+            assert slot_tokens is not None
+            views = [slot_tokens]
+            for heads, seq in zip(self.sa_heads, out.sequences[1:], strict=True):
+                views.append(torch.cat([head(seq) for head in heads], dim=1))
+        fields = {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
+        return CompactStudentOutput(**fields, teacher_views=views)
+
+    def extra_repr(self) -> str:
+        return f"layout={self.layout}, num_slots={self.num_slots} (teacher views)"
+
+
+def student_from_checkpoint(
+    config: DetrConfig, meta: Mapping[str, Any], state_dict: Mapping[str, Any] | None = None
+) -> AmalgamationStudent:
+    """The (untrained) student a checkpoint's weights belong to.
+
+    Args:
+        config: the checkpoint's ``model_config`` as a :class:`DetrConfig`.
+        meta: the checkpoint's ``"student"`` entry (``num_slots``, ``cross_slot_attention``,
+            optionally ``layout``).
+        state_dict: the stored weights; without a ``layout`` in ``meta``, a ``slot_merge.*``
+            weight marks a compact student.
+
+    Returns:
+        An :class:`AmalgamationStudent` or :class:`CompactAmalgamationStudent` (weights not
+        loaded).
+    """
+    layout = meta.get("layout")
+    if layout is None:
+        keys = state_dict or {}
+        layout = "compact" if any(str(k).startswith("slot_merge.") for k in keys) else "slots"
+    if layout not in STUDENT_LAYOUTS:
+        raise ValueError(f"student.layout: expected one of {STUDENT_LAYOUTS}, got {layout!r}")
+    if layout == "compact":
+        return CompactAmalgamationStudent(config, int(meta["num_slots"]))
+    return AmalgamationStudent(
+        config, int(meta["num_slots"]), bool(meta.get("cross_slot_attention", False))
+    )
 
 
 def _stride(config: DetrConfig) -> int:
@@ -154,6 +395,8 @@ def build_student(
     cross_slot_attention: bool = False,
     *,
     num_slots: int | None = None,
+    layout: str = "slots",
+    slot_encoder: str = "per_slot",
     **overrides: Any,
 ) -> AmalgamationStudent:
     """Build the amalgamation student from its teachers' configs.
@@ -171,15 +414,29 @@ def build_student(
             block-diagonal "no cross" mask).
         num_slots: None (default) = N, one slot per teacher; 1 = a plain one-slot student
             (the aggregation baseline's). Other values are rejected.
+        layout: ``"slots"`` (default, N·S encoder tokens) or ``"compact"`` (S tokens,
+            :class:`CompactAmalgamationStudent`; with one slot it is the plain one-slot
+            student, there being nothing to compact).
+        slot_encoder: ``"per_slot"`` (default) or ``"masked"``, see
+            :class:`AmalgamationStudent`.
         **overrides: any :class:`DetrConfig` field to change (e.g. ``num_queries=50``,
             ``variant="anchor"``, ``dropout=0.1``).
 
     Raises:
-        ValueError: no teachers; teachers of different ``hidden_dim`` (a per-teacher linear
+        ValueError: an unknown ``layout`` or ``slot_encoder``; compact with cross-slot
+            attention (the compact encoder has no slots); no teachers; teachers of different
+            ``hidden_dim`` (a per-teacher linear
             adapter for unequal widths is a possible extension, not built); teachers whose
             encoders have different depths or output strides (their SA hook points would not
             line up); a bad ``num_slots`` or override.
     """
+    if layout not in STUDENT_LAYOUTS:
+        raise ValueError(f"layout: expected one of {STUDENT_LAYOUTS}, got {layout!r}")
+    if layout == "compact" and cross_slot_attention:
+        raise ValueError(
+            "layout: the compact student merges the slots before the encoder; "
+            "cross_slot_attention does not apply to it"
+        )
     configs = list(teacher_configs)
     if not configs:
         raise ValueError("teacher_configs: need at least one teacher config")
@@ -234,4 +491,6 @@ def build_student(
             f"{widths[0]}; SA needs equal widths"
         )
     config = DetrConfig.from_dict(fields)
-    return AmalgamationStudent(config, num_slots, cross_slot_attention)
+    if layout == "compact" and num_slots > 1:
+        return CompactAmalgamationStudent(config, num_slots)
+    return AmalgamationStudent(config, num_slots, cross_slot_attention, slot_encoder=slot_encoder)
