@@ -10,7 +10,10 @@
 - ``L_TA``: :class:`~ka_rs.losses.TaskAmalgamationLoss` (every decoder layer matched to the
   pseudo-targets by the Rust matcher in one call).
 - ``L_SA``: :class:`~ka_rs.losses.SequenceAmalgamationLoss`, student slot j against the j-th
-  SA teacher (:func:`~ka_rs.amalgamation.student.sa_teacher_indices`) at every hook point.
+  SA teacher (:func:`~ka_rs.amalgamation.student.sa_teacher_indices`) at every hook point. A
+  compact student (``student_layout = "compact"``) has one sequence; its train-mode output
+  carries per-teacher views of it in the slot layout (``teacher_views``), which SA compares
+  instead, so the step treats both layouts alike.
   With ``aggregation`` the one-slot student imitates the learnt channel fusion of the SA
   teachers instead (:class:`~ka_rs.losses.AggregationHintLoss`, whose projections are this
   module's :meth:`trainable_parameters` — give them to the optimiser).
@@ -161,7 +164,7 @@ class AmalgamationStep(nn.Module):
     @property
     def num_slots(self) -> int:
         """Token slots the student must have: 1 (aggregation / no SA teacher) or one per SA
-        teacher."""
+        teacher (for a compact student: its teacher views, its encoder having one sequence)."""
         return 1 if self.hint_loss is not None or not self.sa_teachers else len(self.sa_teachers)
 
     def coverage(self) -> str:

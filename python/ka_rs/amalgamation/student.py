@@ -6,6 +6,10 @@ width, same number of encoder layers, same output stride. Every other teacher is
 predictions teach the student, its encoder does not). The student gets one token slot per SA
 teacher (one slot when none, or for the aggregation baseline).
 
+``student_layout = "compact"`` (an extension) keeps the encoder at one teacher's token count:
+the N slots are merged per position before the encoder and SA reaches each teacher through a
+per-teacher linear view (:class:`~ka_rs.models.student.CompactAmalgamationStudent`).
+
 Its architecture comes from a teacher (``init_from``, else the first teacher with a ka_rs
 architecture) or, when no teacher describes one (e.g. only Hugging Face Deformable-DETR
 teachers), from ``student = {preset = "...", ...}`` in the config. See docs/method.md.
@@ -22,7 +26,7 @@ from torch import nn
 from ka_rs.labels import LabelSpace
 from ka_rs.models.detr import DetrConfig
 from ka_rs.models.presets import PRESETS, preset_config
-from ka_rs.models.student import AmalgamationStudent, build_student
+from ka_rs.models.student import STUDENT_LAYOUTS, AmalgamationStudent, build_student
 from ka_rs.models.student import _stride as slot_stride
 from ka_rs.teachers.base import Teacher
 
@@ -117,6 +121,7 @@ def build_amalgamation_student(
     cross_slot_attention: bool = False,
     init_from: str = "",
     overrides: Mapping[str, Any] | None = None,
+    student_layout: str = "slots",
 ) -> AmalgamationStudent:
     """The student for ``teachers``: union classes, one slot per SA teacher, initialised.
 
@@ -125,6 +130,10 @@ def build_amalgamation_student(
         aggregation: the prior-KA baseline's one-slot student.
         cross_slot_attention: full encoder attention across slots (default: the paper's
             block-diagonal "no cross").
+        student_layout: ``"slots"`` (default, the paper's: N·S encoder tokens) or
+            ``"compact"`` (S tokens;
+            :class:`~ka_rs.models.student.CompactAmalgamationStudent`). With fewer than two SA
+            teachers both give the one-slot student.
         init_from: a teacher's name: copy its weights (see :func:`init_student_from_teacher`);
             ``""`` = random initialisation (the paper).
         overrides: :class:`~ka_rs.models.DetrConfig` fields to change, and ``preset`` when no
@@ -132,7 +141,23 @@ def build_amalgamation_student(
 
     Returns:
         The :class:`~ka_rs.models.AmalgamationStudent` (on the CPU, train mode).
+
+    Raises:
+        ValueError: an unknown ``student_layout``; ``"compact"`` with ``aggregation`` (a
+            one-slot student) or with ``cross_slot_attention`` (no slots in its encoder).
     """
+    if student_layout not in STUDENT_LAYOUTS:
+        raise ValueError(
+            f"amalgamation.student_layout: expected one of {STUDENT_LAYOUTS}, "
+            f"got {student_layout!r}"
+        )
+    if student_layout == "compact" and (aggregation or cross_slot_attention):
+        what = "aggregation" if aggregation else "cross_slot_attention"
+        raise ValueError(
+            f"amalgamation.student_layout: 'compact' does not combine with {what} (the "
+            "aggregation baseline's student has one slot; the compact encoder has no slots "
+            "to attend across)"
+        )
     space = label_space_of(teachers)
     overrides = dict(overrides or {})
     base = student_base_config(teachers, init_from, overrides)
@@ -147,6 +172,7 @@ def build_amalgamation_student(
         space.num_classes,
         cross_slot_attention,
         num_slots=num_slots,
+        layout=student_layout,
         **overrides,
     )
     if init_from:
@@ -179,8 +205,9 @@ def init_student_from_teacher(
     queries/anchors). The N·d-wide input projection gets the teacher's d-wide projection in
     EVERY slot, so at step 0 all slots carry the teacher's sequence; with the block-diagonal
     mask (and also with cross-slot attention, since the keys are duplicated) the student then
-    reproduces that teacher's predictions exactly. Class-head rows: each union class takes the
-    row of the first ka_rs-DETR teacher that knows it (the other teachers' rows are a head
+    reproduces that teacher's predictions exactly (a compact student too: its merge gate starts
+    as an average and its SA heads as the identity). Class-head rows: each union class takes
+    the row of the first ka_rs-DETR teacher that knows it (the other teachers' rows are a head
     start for their classes); a softmax head's no-object row comes from ``teacher``.
 
     Returns the names of the student parameters left at their random initialisation.

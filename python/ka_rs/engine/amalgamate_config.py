@@ -80,6 +80,12 @@ class AmalgamationConfig:
     Student:
         cross_slot_attention: full encoder attention across slots (default False: each slot
             attends to itself only, the paper's "no cross").
+        student_layout: ``"slots"`` (default, the paper's student: one token slot per SA
+            teacher, the encoder sees N·S tokens) or ``"compact"`` (an extension: the slots are
+            merged per position before the encoder, which sees one teacher's S tokens; SA
+            compares per-teacher linear views of the student's sequence, see
+            :class:`ka_rs.models.student.CompactAmalgamationStudent`). Compact needs ``sa = true``
+            and no ``aggregation`` / ``cross_slot_attention``.
         init_from: ``""`` (random init, the paper) or a teacher's name: start the student from
             that teacher's weights (an extension beyond the paper, see
             :func:`ka_rs.amalgamation.init_student_from_teacher`); it must be a ka_rs DETR.
@@ -114,6 +120,7 @@ class AmalgamationConfig:
     weight_bbox: float = 5.0
     weight_giou: float = 2.0
     cross_slot_attention: bool = False
+    student_layout: str = "slots"
     init_from: str = ""
     student: dict[str, Any] = field(default_factory=dict)
     cache_teachers: bool = False
@@ -217,6 +224,26 @@ class AmalgamateConfig:
         for name in ("sa_weight", "ta_weight", "gt_weight", "eos_coef", "weight_class"):
             if getattr(a, name) < 0:
                 raise ConfigError(f"amalgamation.{name}: must be >= 0")
+        layouts = ("slots", "compact")
+        if a.student_layout not in layouts:
+            raise ConfigError(
+                f"amalgamation.student_layout: must be one of {layouts}, got {a.student_layout!r}"
+            )
+        if a.student_layout == "compact":
+            clash = [
+                name
+                for name, bad in (
+                    ("sa = false", not a.sa),
+                    ("aggregation = true", a.aggregation),
+                    ("cross_slot_attention = true", a.cross_slot_attention),
+                )
+                if bad
+            ]
+            if clash:
+                raise ConfigError(
+                    "amalgamation.student_layout: 'compact' trains its per-teacher views with SA "
+                    "and has no slots in its encoder; it does not combine with " + ", ".join(clash)
+                )
         if a.init_from and self.teachers and a.init_from not in self.teachers:
             raise ConfigError(
                 f"amalgamation.init_from: {a.init_from!r} is not a teacher; "

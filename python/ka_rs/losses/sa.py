@@ -7,7 +7,10 @@ final norm). ``DetrOutput.sequences`` lists them in that order.
 
 The N-slot student (:class:`ka_rs.models.AmalgamationStudent`) carries (B, N·S, d) sequences
 whose slot k, tokens ``[k·S, (k+1)·S)``, is its copy of teacher k's sequence.
-:class:`SequenceAmalgamationLoss` compares slot k with teacher k at every hook point.
+:class:`SequenceAmalgamationLoss` compares slot k with teacher k at every hook point. The
+compact student (:class:`ka_rs.models.student.CompactAmalgamationStudent`, an extension) carries one
+(B, S, d) sequence per hook point; its output's ``teacher_views`` give the same (B, N·S, d) slot
+layout (its per-teacher views of that sequence), and SA compares those instead.
 
 :class:`AggregationHintLoss` is the baseline the paper argues against: the N teachers'
 sequences are fused along *channels* by a learnable N·d→d projection into one (B, S, d) hint
@@ -92,6 +95,24 @@ def _sequences_of(obj: Any, arg: str) -> list[Tensor]:
     return seqs
 
 
+def _student_sequences(obj: Any) -> list[Tensor]:
+    """The student's SA hook points: its ``teacher_views`` when the output has them (the
+    compact student), else its ``sequences`` (the slot layout)."""
+    has_views = (
+        not isinstance(obj, (Tensor, Sequence))
+        and hasattr(obj, "__contains__")
+        and "teacher_views" in obj
+    )
+    views = obj["teacher_views"] if has_views else None
+    if has_views and views is None:
+        raise ValueError(
+            "student: a compact student's output without teacher views (it was run in eval "
+            "mode); SA compares the teachers with the views its train-mode forward computes: "
+            "call student.train() first"
+        )
+    return _sequences_of(views if has_views else obj, "student")
+
+
 def _padding_of(obj: Any) -> Tensor | None:
     mask = getattr(obj, "padding_mask", None)
     if mask is None and isinstance(obj, dict):
@@ -123,8 +144,9 @@ class SequenceAmalgamationLoss(nn.Module):
         eps: layer-norm epsilon of the normaliser.
 
     ``forward(student, teachers, padding_mask=None)``:
-        student: the student's ``DetrOutput`` (uses ``.sequences``) or its list of L hook-point
-            tensors, each (B, N·S, d).
+        student: the student's ``DetrOutput`` (uses ``.sequences``, or ``.teacher_views`` when
+            the output has them: the compact student's) or its list of L hook-point tensors,
+            each (B, N·S, d).
         teachers: N teacher ``DetrOutput``s or N lists of L tensors, each (B, S, d), in slot
             order. They are detached here: no gradient ever reaches a teacher.
         padding_mask: (B, S) bool, True = padded token; when omitted it is taken from the
@@ -157,7 +179,7 @@ class SequenceAmalgamationLoss(nn.Module):
         padding_mask: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Compute L_SA; see the class docstring for shapes."""
-        s_seqs = _sequences_of(student, "student")
+        s_seqs = _student_sequences(student)
         if isinstance(teachers, Tensor) or not isinstance(teachers, Sequence) or not teachers:
             raise ValueError("teachers: expected a non-empty sequence of teacher outputs")
         t_seqs = [_sequences_of(t, f"teachers[{k}]") for k, t in enumerate(teachers)]
