@@ -1,8 +1,11 @@
 """What a demo run leaves behind: ``results.json``, ``report.md``, figures and a rich table.
 
 - :func:`build_results`: every number of the run (evaluations, student/teacher ratios,
-  timings, load average, machine, configs) as the ``results.json`` dict;
-- :func:`render_report`: ``report.md`` (what ran, the numbers, the figures, the levers used);
+  timings, load average, machine, configs) as the ``results.json`` dict, for the first
+  student seed (:func:`~ka_rs.demo.seeds.seed_statistics` then adds every seed and turns the
+  student's numbers into means ± sd);
+- :func:`render_report`: ``report.md`` (what ran on which split, the numbers — mean ± sd and
+  every seed's when there are several —, the figures, the levers used);
 - :func:`render_figures`: ``loss_curves.png``, ``ap_per_class.png`` and ``detections.png``
   (drawn by :mod:`ka_rs.engine.plots`);
 - :func:`results_table`: the console summary;
@@ -164,14 +167,22 @@ def render_figures(
     evaluation: DemoEvaluation,
     student: StudentRun,
     out: Path,
+    *,
+    student_per_class: Mapping[str, Mapping[str, float]] | None = None,
 ) -> dict[str, str]:
-    """Write the run's figures into ``out``; ``{figure: file name}``."""
+    """Write the run's figures into ``out``; ``{figure: file name}``.
+
+    ``student_per_class`` (per class AP / AP50, the mean over the student seeds; default: the
+    first seed's) is drawn in ``ap_per_class.png``; the loss curves and ``detections.png`` show
+    the first seed's student, and every title says which.
+    """
     from ka_rs.engine.logging import read_metrics
     from ka_rs.engine.plots import plot_ap_per_class, plot_loss_curves
 
     figures: dict[str, str] = {}
     curves = {f"{r.name} (teacher)": read_metrics(r.run_dir / "metrics.jsonl") for r in runs}
-    curves["student"] = read_metrics(student.output_dir / "metrics.jsonl")
+    seed = cfg.student.train.seed
+    curves[f"student (seed {seed})"] = read_metrics(student.output_dir / "metrics.jsonl")
     figures["loss_curves"] = plot_loss_curves(
         curves, out / "loss_curves.png", title="training loss and validation AP50"
     ).name
@@ -181,12 +192,19 @@ def render_figures(
     for t in reversed(teachers):
         teacher_pc.update(evaluation.teachers[t.name].per_class)
     union = student.class_names
+    k = cfg.demo.seeds
     figures["ap_per_class"] = plot_ap_per_class(
         union,
         teacher_pc,
-        evaluation.student.per_class,
+        evaluation.student.per_class if student_per_class is None else student_per_class,
         class_teacher,
         out / "ap_per_class.png",
+        title=f"AP per class on '{cfg.demo.eval_split}' images: teacher vs student "
+        + (
+            f"(mean over {k} seeds)"
+            if k > 1 and student_per_class is not None
+            else f"(seed {seed})"
+        ),
     ).name
     grid = _detections_grid(student.model, cfg, union, out / "detections.png")
     if grid is not None:
@@ -235,7 +253,9 @@ def _detections_grid(
         path,
         ground_truth=gts,
         threshold=cfg.demo.draw_threshold,
-        title="student (label-free) on held-out test images — dashed: ground truth",
+        title=f"student (label-free, seed {cfg.student.train.seed}"
+        + (f", 1 of {cfg.demo.seeds} seeds" if cfg.demo.seeds > 1 else "")
+        + f") on '{cfg.demo.eval_split}' images — dashed: ground truth",
     )
 
 
@@ -244,10 +264,19 @@ def _detections_grid(
 
 
 def results_table(results: Mapping[str, Any]) -> Any:
-    """Rich table: per teacher subset, teacher vs student AP50 / AP and the ratio; the union."""
+    """Rich table: per teacher subset, teacher vs student AP50 / AP and the ratio; the union.
+
+    With several student seeds the student's cells and the ratio are mean ± sample sd.
+    """
     from rich.table import Table
 
-    table = Table(title=f"ka-rs demo — {results['mode'].replace('_', '-')} student vs teachers")
+    k = results.get("num_seeds", 1)
+    ev = results["evaluation"]
+    table = Table(
+        title=f"ka-rs demo — {results['mode'].replace('_', '-')} student vs "
+        f"{len(results['per_teacher'])} teachers; {ev['num_images']} `{ev['split']}` images"
+        + (f"; student: mean ± sd over {k} seeds" if k > 1 else "")
+    )
     for col in ("classes", "model", "AP50", "AP", "AP75", "student/teacher AP50"):
         table.add_column(col, justify="left" if col in ("classes", "model") else "right")
     for name, v in results["per_teacher"].items():
@@ -255,18 +284,30 @@ def results_table(results: Mapping[str, Any]) -> Any:
         ratio = v["ratio_AP50"]
         mark = "" if ratio is None else (" ✓" if ratio >= 0.9 else " ✗")
         table.add_row(cls, "teacher", *_ap_cells(v["teacher"]), "")
-        ratio_cell = ("-" if ratio is None else f"{ratio:.2f}") + mark
-        table.add_row("", "student", *_ap_cells(v["student"]), ratio_cell, end_section=True)
-    table.add_row("union (all classes)", "student", *_ap_cells(results["student_union"]), "")
+        ratio_cell = _mean_sd(ratio, v.get("ratio_AP50_sd"), 2) + mark
+        student_cells = _ap_cells(v["student"], v.get("student_sd"))
+        table.add_row("", "student", *student_cells, ratio_cell, end_section=True)
+    union = _ap_cells(results["student_union"], results.get("student_union_sd"))
+    table.add_row("union (all classes)", "student", *union, "")
     e = results.get("ensemble_union")
     if e:
-        table.add_row("", "both teachers pooled (ref.)", *_ap_cells(e), "")
+        table.add_row(
+            "", f"{len(results['per_teacher'])} teachers pooled (ref.)", *_ap_cells(e), ""
+        )
     return table
 
 
-def _ap_cells(m: Mapping[str, float]) -> list[str]:
-    """AP50, AP, AP75 cells of the console table."""
-    return [f"{m['AP50']:.3f}", f"{m['AP']:.3f}", f"{m['AP75']:.3f}"]
+def _mean_sd(mean: float | None, sd: float | None, nd: int = 3) -> str:
+    """``"0.480 ± 0.012"`` (``"0.480"`` without an sd, ``"-"`` when missing)."""
+    if mean is None or mean < 0:
+        return "-"
+    return f"{mean:.{nd}f}" + ("" if sd is None else f" ± {sd:.{nd}f}")
+
+
+def _ap_cells(m: Mapping[str, float], sd: Mapping[str, float | None] | None = None) -> list[str]:
+    """AP50, AP, AP75 cells of the console table (``± sd`` where ``sd`` gives one)."""
+    sd = sd or {}
+    return [_mean_sd(m[k], sd.get(k)) for k in ("AP50", "AP", "AP75")]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -307,8 +348,14 @@ def write_report(out: Path, results: Mapping[str, Any], cfg: DemoConfig) -> dict
 
 
 def _report_results(results: Mapping[str, Any]) -> list[str]:
-    """The title, what was compared, and the numbers."""
+    """The title, what was compared (teachers, split, images, seeds), and the numbers."""
     machine = results["machine"]
+    per_teacher = results["per_teacher"]
+    n = len(per_teacher)
+    k = results.get("num_seeds", 1)
+    seeds = results.get("seeds", [])
+    ev = results["evaluation"]
+    pooled = f"{n} teachers pooled, ref."
     lines = [
         "# ka-rs demo report",
         "",
@@ -316,39 +363,110 @@ def _report_results(results: Mapping[str, Any]) -> list[str]:
         f"{machine['cpus']} CPUs ({machine['torch_threads']} torch threads)"
         f", {machine['platform']}.",
         "",
-        "Two teachers were trained on disjoint halves of the embedded shapes classes (each sees "
-        "every training image but only its own classes' boxes); a student was then trained from "
+        f"{_teachers_sentence(results)} A student was then trained from "
         f"the frozen teachers **{results['mode'].replace('_', '-')}** "
         "(no ground-truth labels: the teachers are its only supervision) with sequence-level "
-        "(SA) and task-level (TA) amalgamation. Numbers are COCO AP on "
-        f"{results['evaluation']['num_images']} held-out `{results['evaluation']['split']}` "
-        "images that no model trained on or was validated on.",
+        "(SA) and task-level (TA) amalgamation"
+        + (
+            f", once per student seed: **{k} seeds** ({', '.join(map(str, seeds))}); student "
+            "numbers are the mean ± sample sd over them, the teachers are one run each."
+            if k > 1
+            else f", one student seed ({seeds[0] if seeds else '?'}): differences below "
+            "~0.02-0.03 AP50 are within run-to-run noise (`--seeds 3` reports mean ± sd)."
+        ),
         "",
-        "## Results",
+        f"Numbers are COCO AP on {ev['num_images']} `{ev['split']}` images: "
+        + (
+            "the validation split, the one to choose settings on (the students' periodic "
+            "validation read its first images; no checkpoint was selected on them)."
+            if ev["split"] == "val"
+            else "the held-out test split, which no model trained on or was validated on; "
+            "report only, never choose settings on it."
+        ),
+        "",
+        f"## Results (`{ev['split']}` split, {k} student seed{'s' if k != 1 else ''})",
         "",
         "| classes | teacher AP50 | student AP50 | student / teacher | teacher AP | student AP |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for name, v in results["per_teacher"].items():
-        r = v["ratio_AP50"]
+    for name, v in per_teacher.items():
+        sd = v.get("student_sd") or {}
         lines.append(
             f"| {name}: {', '.join(v['classes'])} | {_fmt(v['teacher']['AP50'])} | "
-            f"{_fmt(v['student']['AP50'])} | {'-' if r is None else f'{r:.2f}'} | "
-            f"{_fmt(v['teacher']['AP'])} | {_fmt(v['student']['AP'])} |"
+            f"{_mean_sd(v['student']['AP50'], sd.get('AP50'))} | "
+            f"{_mean_sd(v['ratio_AP50'], v.get('ratio_AP50_sd'), 2)} | "
+            f"{_fmt(v['teacher']['AP'])} | {_mean_sd(v['student']['AP'], sd.get('AP'))} |"
         )
     u = results["student_union"]
+    usd = results.get("student_union_sd") or {}
+    e = results.get("ensemble_union")
+    classes = list(dict.fromkeys(c for v in per_teacher.values() for c in v["classes"]))
+    ratio = None if not e or not e["AP50"] or e["AP50"] <= 0 else u["AP50"] / e["AP50"]
+    lines.append(
+        f"| union ({len(classes)} classes) | "
+        + (f"{_fmt(e['AP50'])} ({pooled})" if e else "-")
+        + f" | {_mean_sd(u['AP50'], usd.get('AP50'))} | {_mean_sd(ratio, None, 2)} | "
+        + (_fmt(e["AP"]) if e else "-")
+        + f" | {_mean_sd(u['AP'], usd.get('AP'))} |"
+    )
     lines += [
         "",
-        f"Student on the union of all classes: AP50 {_fmt(u['AP50'])}, AP {_fmt(u['AP'])}, "
-        f"AP75 {_fmt(u['AP75'])}.",
+        f"Student on the union of all classes: AP50 {_mean_sd(u['AP50'], usd.get('AP50'))}, "
+        f"AP {_mean_sd(u['AP'], usd.get('AP'))}, AP75 {_mean_sd(u['AP75'], usd.get('AP75'))}.",
     ]
-    e = results.get("ensemble_union")
     if e:
         lines.append(
-            f"Reference (not a baseline): both teachers run side by side with pooled detections "
-            f"(twice the compute of one model): AP50 {_fmt(e['AP50'])}, AP {_fmt(e['AP'])}."
+            f"Reference (not a baseline): the {n} teachers run side by side with pooled "
+            f"detections ({n} times the compute of one model): AP50 {_fmt(e['AP50'])}, "
+            f"AP {_fmt(e['AP'])}."
         )
+    if k > 1:
+        lines += [
+            "",
+            "Every seed (student AP50 per teacher's classes and on the union):",
+            "",
+            "| seed | " + " | ".join(per_teacher) + " | union | source |",
+            "|---:|" + "---:|" * (n + 1) + "---|",
+        ]
+        for i, rec in enumerate(results.get("students", [])):
+            cells = [_fmt(v["student_per_seed"]["AP50"][i]) for v in per_teacher.values()]
+            cells.append(_fmt(results["student_union_per_seed"]["AP50"][i]))
+            lines.append(f"| {rec['seed']} | " + " | ".join(cells) + f" | {rec['source']} |")
     return lines
+
+
+def _teachers_sentence(results: Mapping[str, Any]) -> str:
+    """How many teachers, on which classes of which split, and which classes they share."""
+    per_teacher = results["per_teacher"]
+    split = results.get("config", {}).get("demo", {}).get("split", "")
+    owners: dict[str, list[str]] = {}
+    for name, v in per_teacher.items():
+        for c in v["classes"]:
+            owners.setdefault(c, []).append(name)
+    shared = {c: ts for c, ts in owners.items() if len(ts) > 1}
+    words = {2: "Two", 3: "Three", 4: "Four"}
+    text = (
+        f"{words.get(len(per_teacher), str(len(per_teacher)))} teachers were trained on the "
+        f"`{split}` split of the embedded shapes classes ("
+        + "; ".join(f"{t}: {', '.join(v['classes'])}" for t, v in per_teacher.items())
+        + "); each sees every training image but only its own classes' boxes."
+    )
+    if shared:
+        nms = results.get("config", {}).get("student", {}).get("amalgamation", {}).get("nms_iou")
+        merged = (
+            f"merged by class-aware NMS (IoU > {nms:g})"
+            if nms is not None and nms >= 0
+            else "kept (no NMS: nms_iou < 0)"
+        )
+        text += (
+            " Classes known to several teachers ("
+            + "; ".join(f"{c}: {', '.join(ts)}" for c, ts in shared.items())
+            + f") get one index in the student's label space, and their duplicate "
+            f"pseudo-targets are {merged}."
+        )
+    else:
+        text += " The teachers' classes are disjoint."
+    return text
 
 
 def _report_wall_time(results: Mapping[str, Any]) -> list[str]:
@@ -419,7 +537,7 @@ def _report_extensions(results: Mapping[str, Any], cfg: DemoConfig) -> list[str]
             f"- **Extension beyond the paper:** the student starts from teacher `{a.init_from}`'s "
             "weights (backbone, encoder, decoder, box head; its input projection copied into every "
             "slot; class-head rows copied from the teacher that knows each class), so it begins "
-            f"as a copy of `{a.init_from}` and must learn the other teacher's classes from the "
+            f"as a copy of `{a.init_from}` and must learn the other teachers' classes from the "
             "amalgamation losses. The paper initialises the student from scratch/ImageNet."
         )
     procs = results.get("teacher_processes")
