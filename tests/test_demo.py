@@ -67,6 +67,12 @@ def test_quick_demo_writes_the_run_folder(quick_demo):
     assert "label-free" in report and "![AP per class" in report and "Wall time" in report
     assert "Extension beyond the paper" in report  # the demo starts the student from teacher_b
     assert "{'num_queries': 60} for the student" in report
+    # one student seed by default; the report names the split and the seed count
+    assert res["seeds"] == [42] and res["num_seeds"] == 1 and len(res["students"]) == 1
+    assert res["per_teacher"]["teacher_a"]["student_sd"]["AP50"] is None
+    assert "## Results (`test` split, 1 student seed)" in report
+    assert "one student seed (42)" in report and "`shapes-halves` split" in report
+    assert "The teachers' classes are disjoint." in report
 
 
 def test_second_demo_reuses_the_cached_teachers(quick_demo, tmp_path):
@@ -126,25 +132,301 @@ def test_student_processes_setting():
         student_processes(0, 16)
 
 
-def test_quick_ablation_reuses_the_demo_student(quick_demo, tmp_path, capsys):
+def test_quick_ablation_over_two_seeds_reuses_the_demo_student(quick_demo, tmp_path, capsys):
     cache, _, _ = quick_demo
     out = tmp_path / "abl"
     args = ["ablate", "--quick", "--threads", "1", "--cache-dir", str(cache), "--output", str(out)]
-    assert main([*args, "--no-progress", "--variants", "sa_ta,ta,aggregation_ta"]) == 0
+    assert (
+        main([*args, "--no-progress", "--seeds", "2", "--variants", "sa_ta,ta,aggregation_ta"]) == 0
+    )
     res = json.loads((out / "ablation.json").read_text())
+    assert res["seeds"] == [42, 7] and res["num_seeds"] == 2
+    assert res["eval"] == {"split": "test", "num_images": 16}
     assert [r["variant"] for r in res["rows"]] == ["sa_ta", "ta", "aggregation_ta"]
     rows = {r["variant"]: r for r in res["rows"]}
-    assert rows["sa_ta"]["source"].startswith("reused")  # the demo's identical SA + TA run
-    # the other two trained side by side in worker processes, each logging to its folder
+    # seed 42 of SA + TA is the demo's identical run; its seed 7 and the others are new
+    sa_ta = {r["seed"]: r for r in rows["sa_ta"]["per_seed"]}
+    assert sa_ta[42]["source"].startswith("reused") and sa_ta[7]["source"] == "trained"
     for name in ("ta", "aggregation_ta"):
-        assert rows[name]["source"] == "trained" and rows[name]["steps"] == 6
-        assert (out / name / "train.log").is_file() and (out / name / "checkpoint.pt").is_file()
+        assert [r["seed"] for r in rows[name]["per_seed"]] == [42, 7]
+        for r in rows[name]["per_seed"]:  # trained side by side, each logging to its folder
+            assert r["source"] == "trained" and r["steps"] == 6
+            d = out / name / f"seed-{r['seed']}"
+            assert (d / "train.log").is_file() and (d / "checkpoint.pt").is_file()
+    # every per-seed number is kept; the row is their mean and sample sd
     for r in rows.values():
-        assert set(r["subsets"]) == {"all", "teacher_a", "teacher_b"}
+        assert len(r["per_seed"]) == 2
+        for sub in ("all", "teacher_a", "teacher_b"):
+            for m in ("AP", "AP50", "AP75"):
+                vals = [x["subsets"][sub][m] for x in r["per_seed"]]
+                assert r["subsets"][sub][m] == pytest.approx(sum(vals) / 2)
+                assert r["sd"][sub][m] == pytest.approx(abs(vals[0] - vals[1]) / 2**0.5)
+    # the paired differences that both variants allow, per seed
+    diffs = {(d["a"], d["b"]): d for d in res["differences"]}
+    assert set(diffs) == {("sa_ta", "ta"), ("aggregation_ta", "ta")}  # no cross-slot run
+    d = diffs[("sa_ta", "ta")]["subsets"]["all"]["AP50"]
+    a = [x["subsets"]["all"]["AP50"] for x in rows["sa_ta"]["per_seed"]]
+    b = [x["subsets"]["all"]["AP50"] for x in rows["ta"]["per_seed"]]
+    assert d["diffs"] == pytest.approx([a[0] - b[0], a[1] - b[1]]) and d["df"] == 1
+    assert d["t"] == pytest.approx(12.7062, abs=1e-4) and len(d["ci"]) == 2
     md = (out / "ablation.md").read_text()
     assert "aggregation + TA" in md and "SA + TA" in md and "teacher_a AP50" in md
-    assert "aggregation + TA" in capsys.readouterr().out
+    assert "**2 student seeds**" in md and "(42, 7)" in md and "`test` split" in md
+    assert "SA + TA − TA only" in md and "95% t-interval" in md and "ablation.png" in md
+    assert (out / "ablation.png").stat().st_size > 1000
+    printed = capsys.readouterr().out
+    assert "aggregation + TA" in printed and "2 seed(s)" in printed
     assert main([*args, "--variants", "nope"]) == 2
+
+
+def test_quick_ablation_on_the_validation_split(quick_demo, tmp_path):
+    cache, _, _ = quick_demo
+    out = tmp_path / "abl-val"
+    args = ["ablate", "--quick", "--threads", "1", "--cache-dir", str(cache), "--output", str(out)]
+    args += ["--no-progress", "--seeds", "1", "--variants", "sa_ta", "--eval-split", "val"]
+    assert main(args) == 0
+    res = json.loads((out / "ablation.json").read_text())
+    assert res["eval"]["split"] == "val" and res["seeds"] == [42]
+    # the demo's cached seed-42 student was evaluated on test images: not reused for val
+    assert res["rows"][0]["per_seed"][0]["source"] == "trained"
+    assert res["differences"] == []
+    md = (out / "ablation.md").read_text()
+    assert "`val` images (validation split" in md and "**1 student seed**" in md
+
+
+def test_student_cache_keys_differ_per_seed_and_evaluation_split(tmp_path):
+    from ka_rs.demo.student import seeded_config, student_config, student_key
+    from ka_rs.demo.teachers import TeacherRun
+
+    cfg = load_demo_config(None, quick=True)
+    runs = [
+        TeacherRun(n, [], tmp_path / f"{n}.pt", tmp_path, f"key-{n}", True, 0.0, 0.0, 1)
+        for n in ("teacher_a", "teacher_b")
+    ]
+    base = student_config(cfg, runs, tmp_path / "student")
+    keys = {
+        s: student_key(seeded_config(base, s, tmp_path / f"s{s}"), runs, cfg.demo)
+        for s in (42, 7, 123)
+    }
+    assert len(set(keys.values())) == 3
+    # the seed and the evaluation set are in the key; the output folder is not
+    assert student_key(base, runs, cfg.demo) == keys[42]
+    assert student_key(seeded_config(base, 7, tmp_path / "elsewhere"), runs, cfg.demo) == keys[7]
+    val = load_demo_config(None, ["demo.eval_split=val"], quick=True).demo
+    assert student_key(base, runs, val) != keys[42]
+
+
+def test_statistics_on_known_numbers():
+    from ka_rs.demo.stats import (
+        fmt_interval,
+        fmt_mean_sd,
+        paired_difference,
+        student_seeds,
+        summarize,
+        t_quantile,
+    )
+
+    s = summarize([0.5, 0.6, 0.7])
+    assert s["n"] == 3 and s["mean"] == pytest.approx(0.6) and s["sd"] == pytest.approx(0.1)
+    assert fmt_mean_sd(s) == "0.600 ± 0.100"
+    one = summarize([0.42])
+    assert one["mean"] == pytest.approx(0.42) and one["sd"] is None and fmt_mean_sd(one) == "0.420"
+    assert summarize([0.5, -1.0])["mean"] is None  # COCO's -1: no ground truth
+    # t quantiles (two-sided 95 %) from the tables
+    assert t_quantile(1) == pytest.approx(12.7062, abs=1e-4)
+    assert t_quantile(2) == pytest.approx(4.3027, abs=1e-4)
+    assert t_quantile(4) == pytest.approx(2.7764, abs=1e-4)
+    assert t_quantile(9, 0.9) == pytest.approx(1.8331, abs=1e-4)
+    # paired by seed: diffs 0.05, 0.02, 0.08 -> mean 0.05, sd 0.03, ci 0.05 -+ 4.3027*0.03/sqrt 3
+    d = paired_difference([0.60, 0.62, 0.58], [0.55, 0.60, 0.50])
+    assert d["diffs"] == pytest.approx([0.05, 0.02, 0.08])
+    assert d["mean"] == pytest.approx(0.05) and d["sd"] == pytest.approx(0.03) and d["df"] == 2
+    assert d["ci"] == pytest.approx([-0.0245241, 0.1245241], abs=1e-6)
+    assert fmt_interval(d) == "+0.050 [-0.025, +0.125]"
+    # the same interval as scipy's paired t-test
+    from scipy.stats import ttest_rel
+
+    ci = ttest_rel([0.60, 0.62, 0.58], [0.55, 0.60, 0.50]).confidence_interval()
+    assert d["ci"] == pytest.approx([ci.low, ci.high])
+    single = paired_difference([0.6], [0.5])
+    assert single["mean"] == pytest.approx(0.1) and single["ci"] is None
+    assert fmt_interval(single) == "+0.100"
+    with pytest.raises(ValueError, match="pair them by seed"):
+        paired_difference([0.1, 0.2], [0.1])
+    # the seed list: the config's seed first, then a fixed list
+    assert student_seeds(1) == [42] and student_seeds(3) == [42, 7, 123]
+    assert student_seeds(3, first=7) == [7, 42, 123] and student_seeds(2, first=5) == [5, 42]
+    with pytest.raises(ValueError, match="1 to 10"):
+        student_seeds(0)
+
+
+def _seed_eval(a: float, b: float, union: float) -> dict:
+    def m(x: float) -> dict:
+        return {"AP": x / 2, "AP50": x, "AP75": x / 4}
+
+    return {
+        "subsets": {"all": m(union), "teacher_a": m(a), "teacher_b": m(b)},
+        "per_class": {"circle": {"AP": a / 2, "AP50": a}, "cross": {"AP": b / 2, "AP50": b}},
+    }
+
+
+def test_ablation_rows_and_paired_differences_on_known_numbers(tmp_path):
+    from ka_rs.demo.ablate import (
+        _differences,
+        _seed_record,
+        _variant_row,
+        ablation_markdown,
+        plot_ablation,
+    )
+
+    sa = [(0.60, 0.70, 0.60), (0.62, 0.72, 0.62), (0.58, 0.68, 0.58)]
+    ta = [(0.55, 0.70, 0.55), (0.60, 0.71, 0.60), (0.50, 0.69, 0.50)]
+    rows = [
+        _variant_row(
+            name,
+            [
+                _seed_record(s, "trained", {"eval": _seed_eval(*v)})
+                for s, v in zip((42, 7, 123), vals, strict=True)
+            ],
+        )
+        for name, vals in (("ta", ta), ("sa_ta", sa))
+    ]
+    assert rows[1]["subsets"]["all"]["AP50"] == pytest.approx(0.60)
+    assert rows[1]["sd"]["all"]["AP50"] == pytest.approx(0.02)
+    assert rows[1]["sd"]["all"]["AP"] == pytest.approx(0.01)  # AP = AP50 / 2 here
+    diffs = _differences(rows)
+    assert [(d["a"], d["b"]) for d in diffs] == [("sa_ta", "ta")]
+    d = diffs[0]["subsets"]["all"]["AP50"]
+    assert d["mean"] == pytest.approx(0.05) and d["sd"] == pytest.approx(0.03)
+    assert d["ci"] == pytest.approx([-0.0245241, 0.1245241], abs=1e-6)
+    results = {
+        "rows": rows,
+        "differences": diffs,
+        "seeds": [42, 7, 123],
+        "teachers": ["teacher_a", "teacher_b"],
+        "teacher_classes": {"teacher_a": ["circle"], "teacher_b": ["cross"]},
+        "split": "shapes-halves",
+        "teacher_reference": {"teacher_a": {"AP": 0.3, "AP50": 0.6, "AP75": 0.2}},
+        "eval": {"split": "val", "num_images": 200},
+        "student_budget": {"max_steps": 1200, "batch_size": 16, "init_from": "teacher_b"},
+        "load_average": {},
+    }
+    results["figure"] = plot_ablation(results, tmp_path / "ablation.png").name
+    assert (tmp_path / "ablation.png").stat().st_size > 1000
+    md = ablation_markdown(results)
+    assert "| SA + TA | 0.600 ± 0.020 |" in md
+    assert "| SA + TA − TA only |" in md and "+0.050 [-0.025, +0.125]" in md
+    assert "**3 student seeds**" in md and "df = 2" in md
+    assert "200 `val` images (validation split" in md and "`val` split" in md
+
+
+def test_demo_seed_statistics_on_known_numbers():
+    from ka_rs.demo.seeds import mean_per_class, seed_record, seed_statistics
+
+    records = [
+        seed_record(s, "trained", _seed_eval(*v), f"run{s}", 6, 0.1)
+        for s, v in ((42, (0.40, 0.70, 0.55)), (7, (0.50, 0.80, 0.65)))
+    ]
+    first = {
+        "per_teacher": {
+            name: {
+                "classes": [],
+                "teacher": {"AP": 0.25, "AP50": 0.5, "AP75": 0.1},
+                "student": {"AP": 0.2, "AP50": x, "AP75": 0.1},
+                "ratio_AP50": x / 0.5,
+                "ratio_AP": 0.8,
+            }
+            for name, x in (("teacher_a", 0.40), ("teacher_b", 0.70))
+        },
+        "student_union": {"AP": 0.275, "AP50": 0.55, "AP75": 0.1375},
+    }
+    res = seed_statistics(first, records)
+    assert res["seeds"] == [42, 7] and res["num_seeds"] == 2 and len(res["students"]) == 2
+    a = res["per_teacher"]["teacher_a"]
+    assert a["student"]["AP50"] == pytest.approx(0.45)
+    assert a["student_sd"]["AP50"] == pytest.approx(0.1 / 2**0.5)
+    assert a["student_per_seed"]["AP50"] == [0.40, 0.50]
+    assert a["ratio_AP50_per_seed"] == pytest.approx([0.8, 1.0])
+    assert a["ratio_AP50"] == pytest.approx(0.9) and a["ratio_AP50_sd"] == pytest.approx(
+        0.1414, abs=1e-4
+    )
+    assert res["per_teacher"]["teacher_b"]["ratio_AP50"] == pytest.approx(1.5)
+    assert res["student_union"]["AP50"] == pytest.approx(0.60)
+    assert res["student_union_per_seed"]["AP50"] == [0.55, 0.65]
+    assert res["min_ratio_AP50"] == pytest.approx(0.9)
+    assert first["per_teacher"]["teacher_a"]["student"]["AP50"] == 0.40  # input left as it was
+    assert mean_per_class(records)["circle"]["AP50"] == pytest.approx(0.45)
+
+
+@pytest.fixture(scope="module")
+def quick_three_teachers(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("demo3")
+    out = root / "run"
+    threads = torch.get_num_threads()
+    try:
+        code = main(
+            [
+                *("demo", "--quick", "--threads", "1", "--cache-dir", str(root / "cache")),
+                *("--output", str(out), "--no-progress", "--teachers", "3", "--seeds", "2"),
+            ]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_quick_demo_with_three_overlapping_teachers_and_two_seeds(quick_three_teachers):
+    out, res = quick_three_teachers
+    assert res["config"]["demo"]["split"] == "shapes-thirds-overlap"
+    assert list(res["per_teacher"]) == ["teacher_a", "teacher_b", "teacher_c"]
+    assert res["per_teacher"]["teacher_c"]["classes"] == ["circle", "diamond", "crescent"]
+    # one union index per class: 8 classes although 11 (teacher, class) pairs
+    assert len(res["evaluation"]["student"]["per_class"]) == 8
+    subsets = {"all", "teacher_a", "teacher_b", "teacher_c"}
+    assert set(res["evaluation"]["student"]["subsets"]) == subsets
+    assert len(res["teachers"]) == 3 and res["ensemble_union"] is not None
+    # two student seeds: the first in student/, the second in student-seed7/
+    assert res["seeds"] == [42, 7] and [s["seed"] for s in res["students"]] == [42, 7]
+    assert res["students"][1]["source"] == "trained"
+    assert (out / "student" / "checkpoint.pt").is_file()
+    assert (out / "student-seed7" / "checkpoint.pt").is_file()
+    for name, v in res["per_teacher"].items():
+        vals = [s["evaluation"]["subsets"][name]["AP50"] for s in res["students"]]
+        assert v["student_per_seed"]["AP50"] == vals
+        assert v["student"]["AP50"] == pytest.approx(sum(vals) / 2)
+        assert v["student_sd"]["AP50"] == pytest.approx(abs(vals[0] - vals[1]) / 2**0.5)
+    report = (out / "report.md").read_text()
+    assert "Three teachers were trained on the `shapes-thirds-overlap` split" in report
+    assert "circle: teacher_a, teacher_c" in report and "merged by class-aware NMS" in report
+    assert (
+        "**2 seeds** (42, 7)" in report and "## Results (`test` split, 2 student seeds)" in report
+    )
+    for name in ("teacher_a", "teacher_b", "teacher_c", "union (8 classes)"):
+        assert f"| {name}" in report
+    assert "| 7 |" in report  # the per-seed table
+
+
+def test_demo_flags_choose_the_split_seeds_and_evaluation_images(capsys):
+    from ka_rs.demo import flag_overrides
+
+    ov = flag_overrides([], teachers=3, seeds=2, eval_split="val")
+    cfg = load_demo_config(None, ov, quick=True)
+    assert cfg.demo.split == "shapes-thirds-overlap" and cfg.demo.seeds == 2
+    assert cfg.demo.eval_split == "val" and cfg.demo.ablate_seeds == 3
+    abl = load_demo_config(None, flag_overrides([], seeds=5, ablate=True), quick=True)
+    assert abl.demo.ablate_seeds == 5 and abl.demo.seeds == 1
+    assert load_demo_config(None, flag_overrides([], teachers=2)).demo.split == "shapes-halves"
+    with pytest.raises(ConfigError, match="--teachers and --set demo.split"):
+        flag_overrides(["demo.split=shapes-halves"], teachers=3)
+    with pytest.raises(ConfigError, match="demo.seeds: expected 1 to 10"):
+        load_demo_config(None, flag_overrides([], seeds=11))
+    with pytest.raises(ConfigError, match="demo.eval_split"):
+        load_demo_config(None, ["demo.eval_split=train"])
+    assert main(["demo", "--quick", "--teachers", "3", "--set", "demo.split=shapes-halves"]) == 2
+    assert "--teachers and --set demo.split" in capsys.readouterr().err
+    assert main(["ablate", "--quick", "--seeds", "0"]) == 2
+    assert "demo.ablate_seeds" in capsys.readouterr().err
 
 
 def test_configs_demo_toml_mirrors_the_built_in_defaults():

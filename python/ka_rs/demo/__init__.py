@@ -6,22 +6,36 @@
   (:func:`ensure_teachers`, :func:`teacher_key`, :func:`default_cache_dir`);
 - :mod:`~ka_rs.demo.student`: training the student (in this process or DDP workers) and caching
   its result for the ablation;
+- :mod:`~ka_rs.demo.seeds`: the demo's extra student seeds and their mean ± sd
+  (:func:`seed_statistics`);
+- :mod:`~ka_rs.demo.stats`: the seed list, mean ± sd, paired t-intervals
+  (:func:`student_seeds`, :func:`summarize`, :func:`paired_difference`);
 - :mod:`~ka_rs.demo.jobs`: the process pool (:class:`Job`, :func:`run_jobs`, worker setup,
   :func:`student_processes`);
 - :mod:`~ka_rs.demo.evaluation`: the held-out images, :func:`evaluate_on_test`, the
   :class:`TeacherEnsemble` reference;
 - :mod:`~ka_rs.demo.report`: ``results.json``, ``report.md``, figures, the rich table;
 - :mod:`~ka_rs.demo.run`: :func:`run_demo`, the steps above in order;
-- :mod:`~ka_rs.demo.ablate`: :func:`run_ablation` and its variants.
+- :mod:`~ka_rs.demo.ablate`: :func:`run_ablation`, its variants and their paired
+  comparisons over seeds.
 """
 
-from ka_rs.demo.ablate import VARIANTS, ablation_markdown, ablation_table, run_ablation
+from ka_rs.demo.ablate import (
+    COMPARISONS,
+    VARIANTS,
+    ablation_markdown,
+    ablation_table,
+    plot_ablation,
+    run_ablation,
+)
 from ka_rs.demo.config import (
     DEMO_DEFAULTS,
     QUICK_OVERRIDES,
+    TEACHER_SPLITS,
     DemoConfig,
     DemoSettings,
     apply_demo_overrides,
+    flag_overrides,
     load_demo_config,
 )
 from ka_rs.demo.evaluation import (
@@ -35,12 +49,25 @@ from ka_rs.demo.evaluation import (
 from ka_rs.demo.jobs import Job, resolve_workers, run_jobs, student_processes
 from ka_rs.demo.report import build_results, render_figures, render_report, results_table
 from ka_rs.demo.run import run_demo
+from ka_rs.demo.seeds import seed_statistics
+from ka_rs.demo.stats import (
+    SEED_LIST,
+    fmt_interval,
+    fmt_mean_sd,
+    paired_difference,
+    student_seeds,
+    summarize,
+    t_quantile,
+)
 from ka_rs.demo.student import StudentRun, student_key, train_student, write_student_cache
 from ka_rs.demo.teachers import TeacherRun, default_cache_dir, ensure_teachers, teacher_key
 
 __all__ = [
+    "COMPARISONS",
     "DEMO_DEFAULTS",
     "QUICK_OVERRIDES",
+    "SEED_LIST",
+    "TEACHER_SPLITS",
     "VARIANTS",
     "DemoConfig",
     "DemoEvaluation",
@@ -59,7 +86,12 @@ __all__ = [
     "evaluate_demo",
     "evaluate_on_test",
     "evaluate_teachers",
+    "flag_overrides",
+    "fmt_interval",
+    "fmt_mean_sd",
     "load_demo_config",
+    "paired_difference",
+    "plot_ablation",
     "render_figures",
     "render_report",
     "resolve_workers",
@@ -67,8 +99,12 @@ __all__ = [
     "run_ablation",
     "run_demo",
     "run_jobs",
+    "seed_statistics",
     "student_key",
     "student_processes",
+    "student_seeds",
+    "summarize",
+    "t_quantile",
     "teacher_key",
     "train_student",
     "write_student_cache",

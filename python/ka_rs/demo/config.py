@@ -41,11 +41,16 @@ except ModuleNotFoundError:  # pragma: no cover
 __all__ = [
     "DEMO_DEFAULTS",
     "QUICK_OVERRIDES",
+    "TEACHER_SPLITS",
     "DemoConfig",
     "DemoSettings",
     "apply_demo_overrides",
+    "flag_overrides",
     "load_demo_config",
 ]
+
+#: ``--teachers N`` -> the ``demo.split`` preset it selects.
+TEACHER_SPLITS: dict[int, str] = {2: "shapes-halves", 3: "shapes-thirds-overlap"}
 
 
 @dataclass
@@ -53,9 +58,12 @@ class DemoSettings:
     """The ``[demo]`` section.
 
     Attributes:
-        split: split preset naming the teachers and their classes (``shapes-halves``).
-        eval_split: shapes split used for the reported numbers (``test``: never trained on,
-            never used for validation during training).
+        split: split preset naming the teachers and their classes (``shapes-halves``; the
+            three-teacher ``shapes-thirds-overlap`` is ``ka-rs demo --teachers 3``).
+        eval_split: shapes split used for the reported numbers: ``test`` (never trained on,
+            never used for validation during training) or ``val`` (the split to choose
+            settings on; the students' periodic validation reads its first images, but no
+            checkpoint is selected on them).
         num_eval_images: images of ``eval_split`` evaluated.
         grid_images: test images drawn in ``detections.png``.
         draw_threshold: minimum score of a drawn detection.
@@ -67,6 +75,12 @@ class DemoSettings:
             ``batch_size / n`` images per step, so the global batch stays the same. On the
             2-core machine the 60-query student ran at 46 img/s in 2 processes vs 44 in one
             (labelling its images: 67 vs 58 s): no net gain there, unlike the teachers.
+        seeds: student seeds of ``ka-rs demo`` (``--seeds``): 1 keeps the demo at one
+            student's time; K > 1 trains K students (``student.train.seed`` first, then
+            :data:`~ka_rs.demo.stats.SEED_LIST`) and reports mean ± sd over them.
+        ablate_seeds: student seeds per variant of ``ka-rs ablate`` (``--seeds``, default 3):
+            the variants differ by less than one seed's run-to-run noise, so the ablation
+            reports mean ± sd and paired t-intervals over seeds.
     """
 
     split: str = "shapes-halves"
@@ -76,11 +90,15 @@ class DemoSettings:
     draw_threshold: float = 0.35
     workers: int = 0
     student_processes: int = 1
+    seeds: int = 1
+    ablate_seeds: int = 3
 
 
 #: The full demo (``configs/demo.toml`` holds the same values). Budgets are in optimiser steps
 #: so that results do not depend on the machine's speed; the learning rate drops ×0.1 for the
 #: last ~15% of each run so that the final evaluation is not taken at a noisy constant lr.
+#: ``demo.seeds`` (1) and ``demo.ablate_seeds`` (3) are not listed: they take
+#: :class:`DemoSettings`' defaults unless a config file or ``--seeds`` sets them.
 DEMO_DEFAULTS: dict[str, Any] = {
     "demo": {
         "split": "shapes-halves",
@@ -230,8 +248,10 @@ def _demo_from_dict(data: Mapping[str, Any], source: str) -> DemoConfig:
 
 
 def _check(cfg: DemoConfig, source: str) -> None:
-    """Checks across the sections: the split, ``init_from``, image counts, the data source."""
+    """Checks across the sections: the split, ``init_from``, image counts, the evaluation
+    split, the seed counts, the data source."""
     from ka_rs.data import get_split
+    from ka_rs.demo.stats import SEED_LIST
 
     settings = cfg.demo
     try:
@@ -248,6 +268,17 @@ def _check(cfg: DemoConfig, source: str) -> None:
         )
     if settings.num_eval_images < 1 or settings.grid_images < 0:
         raise ConfigError(f"{source}: demo.num_eval_images must be >= 1, grid_images >= 0")
+    if settings.eval_split not in ("val", "test"):
+        raise ConfigError(
+            f"{source}: demo.eval_split: expected 'val' (to choose settings on) or 'test', "
+            f"got {settings.eval_split!r}"
+        )
+    for key in ("seeds", "ablate_seeds"):
+        if not 1 <= getattr(settings, key) <= len(SEED_LIST):
+            raise ConfigError(
+                f"{source}: demo.{key}: expected 1 to {len(SEED_LIST)} student seeds, "
+                f"got {getattr(settings, key)}"
+            )
     if cfg.teacher.data.source != "shapes" or cfg.student.data.source != "shapes":
         raise ConfigError(f"{source}: the demo runs on the embedded shapes data (data.source)")
 
@@ -273,6 +304,40 @@ def load_demo_config(
     cfg = _demo_from_dict(data, source)
     ovs = [*(QUICK_OVERRIDES if quick else ()), *overrides]
     return apply_demo_overrides(cfg, ovs) if ovs else cfg
+
+
+def flag_overrides(
+    overrides: Iterable[str],
+    *,
+    teachers: int | None = None,
+    seeds: int | None = None,
+    eval_split: str | None = None,
+    ablate: bool = False,
+) -> list[str]:
+    """``overrides`` plus those of the command-line flags ``--teachers N`` (``demo.split``, see
+    :data:`TEACHER_SPLITS`), ``--seeds K`` (``demo.seeds``, or ``demo.ablate_seeds`` for
+    ``ka-rs ablate``) and ``--eval-split`` (``demo.eval_split``); a flag wins over a ``--set``
+    of the same key.
+
+    Raises:
+        ConfigError: ``--teachers`` with a number that has no split, or together with a
+            ``--set demo.split=...`` (the two would disagree).
+    """
+    out = list(overrides)
+    if teachers is not None:
+        if teachers not in TEACHER_SPLITS:
+            raise ConfigError(
+                f"--teachers: {teachers} has no shapes split; choose "
+                + " or ".join(f"{n} ({s})" for n, s in TEACHER_SPLITS.items())
+            )
+        if any(o.partition("=")[0].strip() == "demo.split" for o in out):
+            raise ConfigError("--teachers and --set demo.split both choose the split; give one")
+        out.append(f"demo.split={TEACHER_SPLITS[teachers]}")
+    if seeds is not None:
+        out.append(f"demo.{'ablate_seeds' if ablate else 'seeds'}={seeds}")
+    if eval_split is not None:
+        out.append(f"demo.eval_split={eval_split}")
+    return out
 
 
 def apply_demo_overrides(cfg: DemoConfig, overrides: Iterable[str]) -> DemoConfig:

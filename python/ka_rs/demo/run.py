@@ -1,24 +1,28 @@
-"""``ka-rs demo``: two teachers on disjoint halves of the shapes classes, one label-free student.
+"""``ka-rs demo``: teachers on parts of the shapes classes, one label-free student (K seeds).
 
 Steps (each timed; the total is the demo's wall time):
 
-1. **Teachers** (:mod:`ka_rs.demo.teachers`): one per part of the ``demo.split`` preset, trained
-   once and cached by config (``--fresh`` retrains), side by side in worker processes
+1. **Teachers** (:mod:`ka_rs.demo.teachers`): one per part of the ``demo.split`` preset (two on
+   disjoint halves by default; ``--teachers 3``: three on overlapping thirds), trained once and
+   cached by config (``--fresh`` retrains), side by side in worker processes
    (:mod:`ka_rs.demo.jobs`).
 2. **Student** (:mod:`ka_rs.demo.student`): :func:`~ka_rs.engine.amalgamate.amalgamate` trains
    an N-slot student from the frozen teachers with SA + TA and **no labels** (label-free mode;
-   the method is described in ``docs/method.md``).
-3. **Evaluation** (:mod:`ka_rs.demo.evaluation`) on the held-out ``demo.eval_split`` images:
-   each teacher on its classes, the student on the union and on each teacher's classes (COCO
-   AP / AP50 / AP75), plus — as a reference, not a baseline — both teachers pooled.
+   the method is described in ``docs/method.md``). With ``demo.seeds = K > 1`` (``--seeds``)
+   K − 1 more students with other seeds follow (:mod:`ka_rs.demo.seeds`).
+3. **Evaluation** (:mod:`ka_rs.demo.evaluation`) on the ``demo.eval_split`` images: each teacher
+   on its classes, every student on the union and on each teacher's classes (COCO AP / AP50 /
+   AP75), plus — as a reference, not a baseline — the teachers pooled. The headline numbers
+   are means ± sd over the student seeds.
 4. **Report** (:mod:`ka_rs.demo.report`): a rich table, and the run folder::
 
        report.md          what ran, the figures, the numbers, the levers used
-       results.json       every number (evaluations, ratios, timings, load average, configs)
+       results.json       every number (evaluations, per-seed values, ratios, timings, configs)
        loss_curves.png    training loss and validation AP50 of the teachers and the student
-       ap_per_class.png   AP50 / AP per class: the class's teacher vs the student
-       detections.png     test images with the student's detections drawn and labelled
+       ap_per_class.png   AP50 / AP per class: the class's teacher vs the student (seed mean)
+       detections.png     test images with the first seed's detections drawn and labelled
        student/           the amalgamation run folder (config, metrics, checkpoint, eval)
+       student-seed<s>/   the other seeds' run folders (when trained here)
 
 The configuration is :mod:`ka_rs.demo.config`.
 """
@@ -26,7 +30,6 @@ The configuration is :mod:`ka_rs.demo.config`.
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -41,9 +44,11 @@ from ka_rs.demo.report import (
     build_results,
     load_average,
     render_figures,
-    render_report,
     results_table,
+    write_report,
 )
+from ka_rs.demo.seeds import mean_per_class, seed_record, seed_statistics, train_extra_seeds
+from ka_rs.demo.stats import student_seeds
 from ka_rs.demo.student import StudentRun, student_config, train_student, write_student_cache
 from ka_rs.demo.teachers import TeacherRun, default_cache_dir, ensure_teachers
 from ka_rs.engine.amalgamate import load_teachers
@@ -98,7 +103,8 @@ def run_demo(
     clock.load["after_teachers"] = load_average()
 
     teachers = load_teachers({r.name: str(r.checkpoint) for r in runs})
-    scfg, processes, threads = _student_setup(cfg, runs, out, progress, say)
+    seeds = student_seeds(cfg.demo.seeds, cfg.student.train.seed)
+    scfg, processes, threads = _student_setup(cfg, runs, out, progress, say, len(seeds))
     with clock.stage("student"):
         student = train_student(
             scfg, teachers, processes, threads, progress=progress, console=console
@@ -108,8 +114,35 @@ def run_demo(
     with clock.stage("evaluation"):
         union, subsets = student.class_names, student.subsets
         evaluation = evaluate_demo(cfg, teachers, student.model, union, subsets)
+    first = seed_record(
+        seeds[0],
+        "trained",
+        evaluation.student.to_dict(),
+        student.output_dir,
+        student.step,
+        student.train_minutes,
+    )
+    extra: list[dict[str, Any]] = []
+    if len(seeds) > 1:
+        with clock.stage("student_seeds"):
+            extra = train_extra_seeds(
+                cfg,
+                runs,
+                scfg,
+                seeds[1:],
+                out,
+                cache,
+                reuse=not fresh,
+                progress=progress,
+                say=say,
+                console=console,
+            )
+        clock.load["after_student_seeds"] = load_average()
+    records = [first, *extra]
     with clock.stage("figures"):
-        figures = render_figures(cfg, runs, teachers, evaluation, student, out)
+        figures = render_figures(
+            cfg, runs, teachers, evaluation, student, out, student_per_class=mean_per_class(records)
+        )
     clock.finish()
 
     results = build_results(
@@ -122,6 +155,7 @@ def run_demo(
         load=clock.load,
         figures=figures,
     )
+    results = seed_statistics(results, records)
     _write_run(out, cache, cfg, scfg, runs, results, evaluation, student)
     console.print(results_table(results))
     t = clock.timings
@@ -139,8 +173,10 @@ def _student_setup(
     out: Path,
     progress: bool,
     say: Callable[[str], None],
+    num_seeds: int = 1,
 ) -> tuple[AmalgamateConfig, int, int]:
-    """The student's config (into ``out/student``) and ``(processes, threads)``; say how."""
+    """The (first seed's) student config (into ``out/student``) and ``(processes, threads)``;
+    say how."""
     scfg = student_config(cfg, runs, out / "student")
     scfg.train.progress = progress
     processes, threads = student_processes(cfg.demo.student_processes, scfg.train.batch_size)
@@ -150,7 +186,15 @@ def _student_setup(
         if processes > 1
         else f"{threads} torch thread(s)"
     )
-    say(f"student: amalgamating {', '.join(r.name for r in runs)} (label-free; {how}) -> student/")
+    seeds = (
+        f"; seed {scfg.train.seed}, then {num_seeds - 1} more seed(s) -> student-seed<s>/"
+        if num_seeds > 1
+        else ""
+    )
+    say(
+        f"student: amalgamating {', '.join(r.name for r in runs)} (label-free; {how}) "
+        f"-> student/{seeds}"
+    )
     return scfg, processes, threads
 
 
@@ -164,8 +208,8 @@ def _write_run(
     evaluation: DemoEvaluation,
     student: StudentRun,
 ) -> None:
-    """``results.json``, the student's cache entry (for ``ka-rs ablate``), ``report.md``."""
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    """The (first seed's) student cache entry (for ``ka-rs ablate``), ``results.json`` and
+    ``report.md``."""
     write_student_cache(
         cache,
         scfg,
@@ -177,4 +221,4 @@ def _write_run(
         train_minutes=student.train_minutes,
         processes=student.processes,
     )
-    (out / "report.md").write_text(render_report(results, cfg))
+    write_report(out, results, cfg)

@@ -4,9 +4,14 @@
 ``demo.student_processes`` data-parallel worker processes (DDP over gloo, each with
 ``batch_size / n`` images per step so that the global batch stays the same).
 
-:func:`write_student_cache` remembers a trained student's test evaluation under
-``<cache>/students/<key>/result.json``, keyed by its config, the teachers and the evaluation
-set (:func:`student_key`): ``ka-rs ablate`` reuses the demo's SA + TA run from there.
+:func:`train_and_evaluate_many` trains several independent students (the demo's extra seeds,
+the ablation's variants × seeds), side by side in worker processes, each evaluated on the
+demo's held-out images; :func:`seeded_config` gives a student config its seed and folder.
+
+:func:`write_student_cache` remembers a trained student's evaluation under
+``<cache>/students/<key>/result.json``, keyed by its config (its seed ``train.seed``
+included), the teachers and the evaluation set (:func:`student_key`): ``ka-rs ablate`` reuses
+the demo's SA + TA runs from there, seed by seed.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ import copy
 import json
 import os
 import socket
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,8 +29,8 @@ from typing import Any
 from torch import nn
 
 from ka_rs import __version__
-from ka_rs.demo.config import DemoConfig, DemoSettings
-from ka_rs.demo.jobs import Job, run_jobs, worker_setup
+from ka_rs.demo.config import DemoConfig, DemoSettings, _demo_from_dict
+from ka_rs.demo.jobs import Job, resolve_workers, run_jobs, worker_setup
 from ka_rs.demo.teachers import TeacherRun
 from ka_rs.engine.amalgamate import amalgamate
 from ka_rs.engine.amalgamate_config import (
@@ -37,8 +43,11 @@ from ka_rs.teachers import Teacher
 __all__ = [
     "StudentRun",
     "read_student_cache",
+    "seeded_config",
     "student_config",
     "student_key",
+    "train_and_evaluate",
+    "train_and_evaluate_many",
     "train_student",
     "write_student_cache",
 ]
@@ -62,6 +71,14 @@ def student_config(
     if not scfg.data.image_size:
         scfg.data.image_size = cfg.teacher.data.image_size
     return scfg
+
+
+def seeded_config(scfg: AmalgamateConfig, seed: int, output_dir: str | Path) -> AmalgamateConfig:
+    """A copy of ``scfg`` with student seed ``train.seed = seed``, writing to ``output_dir``."""
+    out = copy.deepcopy(scfg)
+    out.train.seed = int(seed)
+    out.train.output_dir = str(output_dir)
+    return out
 
 
 @dataclass
@@ -183,7 +200,82 @@ def _job_amalgamate_rank(
 
 
 # ----------------------------------------------------------------------------------------------
-# the student result cache (read by ``ka-rs ablate``)
+# several independent students (extra seeds, ablation variants), each evaluated
+
+
+def train_and_evaluate(scfg: AmalgamateConfig, cfg: DemoConfig) -> dict[str, Any]:
+    """Train one student (its teachers from ``scfg.teachers``) and evaluate it on the demo's
+    ``demo.eval_split`` images: ``{"eval", "run_dir", "steps", "train_minutes", "seconds"}``."""
+    from ka_rs.demo.evaluation import eval_dataset, evaluate_on_test
+
+    t0 = time.perf_counter()
+    res = amalgamate(scfg, keep_model=True)
+    assert res.model is not None
+    ev = evaluate_on_test(res.model, eval_dataset(cfg), res.class_names, res.subsets)
+    return {
+        "eval": ev.to_dict(),
+        "run_dir": str(res.output_dir),
+        "steps": res.step,
+        "train_minutes": res.train_minutes,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def train_and_evaluate_many(
+    todo: Sequence[tuple[str, AmalgamateConfig]],
+    cfg: DemoConfig,
+    *,
+    progress: bool = True,
+    say: Callable[[str], None] | None = None,
+    console: Any = None,
+) -> list[dict[str, Any]]:
+    """:func:`train_and_evaluate` every ``(label, config)`` of ``todo``: here one after the
+    other (``demo.workers = 1``) or side by side in worker processes, each logging to its
+    ``<output_dir>/train.log``. Results in ``todo``'s order."""
+    say = say or (lambda _msg: None)
+    processes, threads = resolve_workers(cfg.demo.workers, len(todo))
+    say(
+        f"training {len(todo)} student(s) ({processes} process(es) x {threads} torch "
+        f"thread(s)): {', '.join(label for label, _ in todo)}"
+    )
+    if processes == 1:
+        results = []
+        for label, scfg in todo:
+            scfg.train.progress = progress
+            say(f"{label}: training -> {scfg.train.output_dir}")
+            results.append(train_and_evaluate(scfg, cfg))
+        return results
+    jobs = []
+    for label, scfg in todo:
+        scfg.train.progress = False
+        Path(scfg.train.output_dir).mkdir(parents=True, exist_ok=True)
+        jobs.append(
+            Job(
+                label=label,
+                fn=_job_train_and_evaluate,
+                kwargs={
+                    "cfg_dict": scfg.to_dict(),
+                    "demo_dict": cfg.to_dict(),
+                    "log_path": str(Path(scfg.train.output_dir) / "train.log"),
+                },
+                metrics=Path(scfg.train.output_dir) / "metrics.jsonl",
+                total_steps=scfg.train.max_steps or 0,
+            )
+        )
+    return run_jobs(jobs, processes, threads, progress=progress, console=console)
+
+
+def _job_train_and_evaluate(
+    cfg_dict: dict[str, Any], demo_dict: dict[str, Any], threads: int, log_path: str
+) -> dict[str, Any]:
+    """Worker process: one student of :func:`train_and_evaluate_many`."""
+    worker_setup(log_path, threads)
+    scfg = AmalgamateConfig.from_dict(cfg_dict)
+    return train_and_evaluate(scfg, _demo_from_dict(demo_dict, "demo config"))
+
+
+# ----------------------------------------------------------------------------------------------
+# the student result cache (read by ``ka-rs ablate`` and by the demo's extra seeds)
 
 
 def student_key(
@@ -192,8 +284,9 @@ def student_key(
     demo: DemoSettings,
     processes: int = 1,
 ) -> str:
-    """Cache key of a student result: its config, the process count it trained with (DDP
-    sees other batches than one process), the teachers' keys and the evaluation set."""
+    """Cache key of a student result: its config (the student seed ``train.seed`` included, so
+    each seed has its own entry), the process count it trained with (DDP sees other batches
+    than one process), the teachers' keys and the evaluation set (split and image count)."""
     d = cfg.to_dict()
     d.pop("teachers", None)
     for section in ("train",):
@@ -222,7 +315,7 @@ def write_student_cache(
     train_minutes: float,
     processes: int = 1,
 ) -> None:
-    """Remember a student's test evaluation (``ka-rs ablate`` reuses the demo's SA + TA run)."""
+    """Remember a student's evaluation (``ka-rs ablate`` reuses the demo's SA + TA runs)."""
     key = student_key(scfg, runs, demo, processes)
     d = cache / "students" / key
     d.mkdir(parents=True, exist_ok=True)

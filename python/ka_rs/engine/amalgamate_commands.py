@@ -97,11 +97,14 @@ def _default_output(prefix: str) -> Path:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Teachers (cached) -> label-free student -> evaluation, table, report, figures."""
-    from ka_rs.demo import load_demo_config, run_demo
+    from ka_rs.demo import flag_overrides, load_demo_config, run_demo
     from ka_rs.engine.logging import output_errors
 
     _set_threads(args.threads)
-    cfg = load_demo_config(args.config, args.overrides, quick=args.quick)
+    overrides = flag_overrides(
+        args.overrides, teachers=args.teachers, seeds=args.seeds, eval_split=args.eval_split
+    )
+    cfg = load_demo_config(args.config, overrides, quick=args.quick)
     out = (
         Path(args.output)
         if args.output
@@ -119,11 +122,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_ablate(args: argparse.Namespace) -> int:
     """The loss ablation on the demo's teachers and budget."""
-    from ka_rs.demo import VARIANTS, load_demo_config, run_ablation
+    from ka_rs.demo import VARIANTS, flag_overrides, load_demo_config, run_ablation
     from ka_rs.engine.logging import output_errors
 
     _set_threads(args.threads)
-    cfg = load_demo_config(args.config, args.overrides, quick=args.quick)
+    overrides = flag_overrides(
+        args.overrides,
+        teachers=args.teachers,
+        seeds=args.seeds,
+        eval_split=args.eval_split,
+        ablate=True,
+    )
+    cfg = load_demo_config(args.config, overrides, quick=args.quick)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
     if variants:
         unknown = [v for v in variants if v not in VARIANTS]
@@ -146,7 +156,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
+def _add_demo_arguments(p: argparse.ArgumentParser, seeds_help: str) -> None:
     p.add_argument(
         "--config", "-c", metavar="TOML", help="demo config (default: built-in = configs/demo.toml)"
     )
@@ -174,6 +184,21 @@ def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
         "--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--teachers",
+        type=int,
+        choices=(2, 3),
+        help="2: two teachers on disjoint halves of the shapes classes (shapes-halves, the "
+        "default); 3: three teachers on overlapping thirds (shapes-thirds-overlap)",
+    )
+    p.add_argument("--seeds", type=int, metavar="K", help=seeds_help)
+    p.add_argument(
+        "--eval-split",
+        dest="eval_split",
+        choices=("val", "test"),
+        help="images the tables are computed on: test (held-out, the default; report only) or "
+        "val (the split to choose settings on)",
+    )
 
 
 def register(sub: Any) -> None:
@@ -212,27 +237,41 @@ def register(sub: Any) -> None:
 
     p = sub.add_parser(
         "demo",
-        help="train two teachers on the embedded shapes data, amalgamate a label-free student",
-        description="Teachers on disjoint halves of the shapes classes (cached), a label-free "
-        "student amalgamated from them, evaluation on held-out images, a rich table and a run "
-        "folder with report.md, results.json and PNG figures.",
+        help="train two (or three) teachers on the embedded shapes data, amalgamate a "
+        "label-free student",
+        description="Teachers on disjoint halves of the shapes classes (--teachers 3: "
+        "overlapping thirds; cached), a label-free student amalgamated from them (--seeds K: "
+        "K students, mean +- sd), evaluation on held-out images, a rich table and a run folder "
+        "with report.md, results.json and PNG figures.",
     )
-    _add_demo_arguments(p)
-    p.add_argument("--fresh", action="store_true", help="retrain the teachers (ignore the cache)")
+    _add_demo_arguments(
+        p,
+        "student seeds (default: demo.seeds, 1): K students, headline numbers mean +- sd",
+    )
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="retrain the teachers and every student seed (ignore the cache)",
+    )
     p.add_argument(
         "--check",
         action="store_true",
-        help="exit 1 unless the student reaches 0.9x each teacher's AP50",
+        help="exit 1 unless the student reaches 0.9x each teacher's AP50 (mean over seeds)",
     )
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser(
         "ablate",
         help="loss ablation on the demo's teachers: TA / SA+TA / aggregation+TA / cross-slot",
-        description="Train one student per variant from the demo's (cached) teachers with the "
-        "demo's budget and print/save the table (AP, AP50 per teacher subset and union).",
+        description="Train students per variant and seed from the demo's (cached) teachers "
+        "with the demo's budget and print/save the table (AP, AP50 per teacher subset and "
+        "union: mean +- sd over seeds; paired differences with 95% t-intervals) and "
+        "ablation.png.",
     )
-    _add_demo_arguments(p)
+    _add_demo_arguments(
+        p,
+        "student seeds per variant (default: demo.ablate_seeds, 3), the same for every variant",
+    )
     p.add_argument(
         "--variants", help="comma-separated subset of: ta, sa_ta, aggregation_ta, sa_ta_cross"
     )
