@@ -241,7 +241,7 @@ class CompactStudentOutput(DetrOutput):
 
     teacher_views: list[Tensor] | None = None
 
-    _KEYS = (*DetrOutput._KEYS, "teacher_views")
+    _KEYS = (*DetrOutput._KEYS, "teacher_views")  # type: ignore[assignment]
 
 
 class CompactAmalgamationStudent(AmalgamationStudent):
@@ -283,14 +283,14 @@ class CompactAmalgamationStudent(AmalgamationStudent):
         super().__init__(config, num_slots, cross_slot_attention=False)
         n, d = num_slots, config.hidden_dim
         self.slot_merge = nn.Conv2d(n * d, n, kernel_size=1)
-        nn.init.zeros_(self.slot_merge.weight)
-        nn.init.zeros_(self.slot_merge.bias)
+        for p in self.slot_merge.parameters():  # gate logits 0: an equal-weight average
+            nn.init.zeros_(p)
         self.sa_heads = nn.ModuleList(
             nn.ModuleList(nn.Linear(d, d) for _ in range(n)) for _ in range(config.enc_layers)
         )
         with torch.no_grad():
-            for heads in self.sa_heads:
-                for head in heads:
+            for head in self.sa_heads.modules():
+                if isinstance(head, nn.Linear):
                     head.weight.copy_(torch.eye(d))
                     head.bias.zero_()
         self._slot_tokens: Tensor | None = None
@@ -345,6 +345,7 @@ class CompactAmalgamationStudent(AmalgamationStudent):
             assert slot_tokens is not None
             views = [slot_tokens]
             for heads, seq in zip(self.sa_heads, out.sequences[1:], strict=True):
+                assert isinstance(heads, nn.ModuleList)
                 views.append(torch.cat([head(seq) for head in heads], dim=1))
         fields = {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
         return CompactStudentOutput(**fields, teacher_views=views)

@@ -1,0 +1,210 @@
+"""Benchmark: inference cost of the amalgamation student's layouts against its teachers.
+
+Variants, all built in this process from one preset (random weights: the cost does not depend
+on them), N = ``--teachers`` teachers of ``--classes`` classes each, the student over N·classes:
+
+* ``teacher``: one teacher (a plain DETR);
+* ``teachers_side_by_side``: all N teachers run one after the other on the batch (what an
+  ensemble of the teachers costs);
+* ``slots_masked``: the N-slot student, no cross-slot attention, encoder as ONE masked
+  attention over N·S tokens (``slot_encoder="masked"``, the implementation before the per-slot
+  encoder) -- the baseline of the ratios;
+* ``slots_per_slot``: the same student (same weights), encoder as N·B sequences of S tokens
+  (``slot_encoder="per_slot"``, the default);
+* ``compact``: the compact student (``student_layout="compact"``): S encoder tokens.
+
+``--encoder-only`` adds rows timing only the encoder call (:meth:`DETR.encode` on a prepared
+encoder input) of the three students, which isolates what the per-slot encoder changes.
+
+Timing: inference (eval mode, ``torch.inference_mode``), images of ``--image-size`` pixels, no
+padding. Rounds are interleaved (every variant once per round, in rotating order) so that load
+changes hit all variants alike; after ``--warmup`` untimed rounds each round times one forward
+per variant. Printed per batch size: parameters (all, and those inference uses: the compact
+student's SA heads only run in training), the median time per batch, images per second from
+it, the ratio of medians to ``slots_masked`` and the median of the per-round ratios; the load
+average before and after. The machine may be shared: quote the load with the figures.
+
+    python benches/bench_student_encoder.py --preset anchor_tiny --image-size 96 \\
+        --batch 16 1 --threads 2 --rounds 15
+    python benches/bench_student_encoder.py --preset detr_r50 --image-size 512 --batch 1 \\
+        --threads 2 --rounds 5 --variants slots_masked slots_per_slot compact
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from ka_rs.models import build_model
+from ka_rs.models.presets import preset_config
+from ka_rs.models.student import AmalgamationStudent, build_student
+from torch import nn
+
+VARIANTS = ("teacher", "teachers_side_by_side", "slots_masked", "slots_per_slot", "compact")
+BASELINE = "slots_masked"
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _inference_params(module: nn.Module) -> int:
+    """Parameters a forward in eval mode uses (the compact student's SA heads are training-only)."""
+    heads = getattr(module, "sa_heads", None)
+    return _params(module) - (_params(heads) if heads is not None else 0)
+
+
+def build_variants(
+    preset: str, teachers: int, classes: int, seed: int = 0
+) -> tuple[dict[str, list[nn.Module]], dict[str, AmalgamationStudent]]:
+    """``{variant: [models it runs]}`` and ``{variant: student}`` for the student variants."""
+    torch.manual_seed(seed)
+    t_models = [build_model(preset, classes).eval() for _ in range(teachers)]
+    cfgs = [preset_config(preset, classes) for _ in range(teachers)]
+    masked = build_student(cfgs, teachers * classes, slot_encoder="masked").eval()
+    per_slot = build_student(cfgs, teachers * classes, slot_encoder="per_slot").eval()
+    per_slot.load_state_dict(masked.state_dict())
+    compact = build_student(cfgs, teachers * classes, layout="compact").eval()
+    students = {"slots_masked": masked, "slots_per_slot": per_slot, "compact": compact}
+    models: dict[str, list[nn.Module]] = {
+        "teacher": t_models[:1],
+        "teachers_side_by_side": t_models,
+        **{k: [v] for k, v in students.items()},
+    }
+    return models, students
+
+
+def _forward_fn(models: list[nn.Module], images: torch.Tensor) -> Callable[[], Any]:
+    def run() -> Any:
+        return [m(images) for m in models]
+
+    return run
+
+
+def _encoder_fn(student: AmalgamationStudent, images: torch.Tensor) -> Callable[[], Any]:
+    """The student's encoder alone, on the encoder input of ``images`` (computed once)."""
+    with torch.inference_mode():
+        mask = torch.zeros(images.shape[0], *images.shape[2:], dtype=torch.bool)
+        features, feat_mask = student.backbone(images, mask)
+        pos = student.position(feat_mask).to(features.dtype)
+        enc = student.encoder_input(features, feat_mask, pos)
+
+    def run() -> Any:
+        return student.encode(enc, None)
+
+    return run
+
+
+def measure(
+    fns: dict[str, Callable[[], Any]], rounds: int, warmup: int
+) -> tuple[dict[str, list[float]], list[str]]:
+    """Interleaved timing: per variant, the seconds of each timed round."""
+    names = list(fns)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    with torch.inference_mode():
+        for r in range(warmup + rounds):
+            shift = r % len(names)
+            for name in names[shift:] + names[:shift]:
+                start = time.perf_counter()
+                fns[name]()
+                elapsed = time.perf_counter() - start
+                if r >= warmup:
+                    times[name].append(elapsed)
+    return times, names
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark and print the table; returns the results (also ``--out`` JSON)."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="anchor_tiny")
+    ap.add_argument("--image-size", type=int, default=96)
+    ap.add_argument("--batch", type=int, nargs="+", default=[16, 1])
+    ap.add_argument("--teachers", type=int, default=2)
+    ap.add_argument("--classes", type=int, default=4, help="classes per teacher")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    ap.add_argument("--encoder-only", action="store_true", help="also time the encoders alone")
+    ap.add_argument("--out", default="", help="write the results as JSON here")
+    args = ap.parse_args(argv)
+    if BASELINE not in args.variants:
+        args.variants = [BASELINE, *args.variants]
+    torch.set_num_threads(args.threads)
+    models, students = build_variants(args.preset, args.teachers, args.classes)
+    load_before = os.getloadavg()
+    print(
+        f"preset {args.preset}, {args.teachers} teachers x {args.classes} classes, "
+        f"{args.image_size} px, {args.threads} threads, {args.rounds} rounds "
+        f"(+{args.warmup} warm-up), torch {torch.__version__}, {_cpu_name()}; "
+        f"load average {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}"
+    )
+    results: dict[str, Any] = {"args": vars(args), "load_before": load_before, "rows": []}
+    header = (
+        f"{'variant':<26}{'params':>9}{'infer.':>9}{'batch':>6}{'ms/batch':>10}"
+        f"{'img/s':>9}{'x masked':>10}{'med. ratio':>11}"
+    )
+    for batch in args.batch:
+        images = torch.randn(batch, 3, args.image_size, args.image_size)
+        fns = {v: _forward_fn(models[v], images) for v in args.variants}
+        if args.encoder_only:
+            for name, student in students.items():
+                if name in args.variants:
+                    fns[f"encoder:{name}"] = _encoder_fn(student, images)
+        times, names = measure(fns, args.rounds, args.warmup)
+        print()
+        print(header)
+        for name in names:
+            base = BASELINE if not name.startswith("encoder:") else f"encoder:{BASELINE}"
+            med = statistics.median(times[name])
+            base_med = statistics.median(times[base])
+            per_round = statistics.median(
+                t / b for t, b in zip(times[name], times[base], strict=True)
+            )
+            mods = models[name.removeprefix("encoder:")]
+            params = sum(_params(m) for m in mods)
+            infer = sum(_inference_params(m) for m in mods)
+            row = {
+                "variant": name,
+                "batch": batch,
+                "params": params,
+                "inference_params": infer,
+                "median_s": med,
+                "img_per_s": batch / med,
+                "ratio_of_medians": med / base_med,
+                "median_ratio": per_round,
+            }
+            results["rows"].append(row)
+            print(
+                f"{name:<26}{params / 1e6:>8.2f}M{infer / 1e6:>8.2f}M{batch:>6}"
+                f"{med * 1e3:>10.1f}{batch / med:>9.1f}{med / base_med:>10.2f}{per_round:>11.2f}"
+            )
+    load_after = os.getloadavg()
+    results["load_after"] = load_after
+    print(f"\nload average after: {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main()
