@@ -254,12 +254,6 @@ def test_layout_option_in_the_config_and_the_builders():
     assert [tuple(v.shape) for v in out.teacher_views] == [(2, 3 * S, 32)] * 3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ka_rs.engine.amalgamate does not pass amalgamation.student_layout to "
-    "build_amalgamation_student yet (nor record it in the checkpoint's student metadata); "
-    "remove this marker with that two-line change",
-)
 def test_engine_trains_a_compact_student_and_loads_it(tmp_path):
     import json
 

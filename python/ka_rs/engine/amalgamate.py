@@ -205,6 +205,7 @@ def _run(
         cross_slot_attention=amg.cross_slot_attention,
         init_from=amg.init_from,
         overrides=amg.student,
+        student_layout=amg.student_layout,
     )
     step = AmalgamationStep(
         teachers,
@@ -273,11 +274,10 @@ def _run(
         _resume(loop, step, loop.checkpoint_path if resume is True else Path(resume), info)
     if info.is_main:
         log.info(
-            "amalgamating %d teachers (%s) into a %d-slot student over %d classes; losses: %s; "
-            "%s; %s",
+            "amalgamating %d teachers (%s) into a %s student over %d classes; losses: %s; %s; %s",
             len(teachers),
             ", ".join(f"{t.name}: {len(t.classes)} cls" for t in teachers),
-            step.num_slots,
+            "compact" if student.layout == "compact" else f"{step.num_slots}-slot",
             len(union),
             _losses_text(amg),
             step.coverage(),
@@ -409,6 +409,7 @@ def _student_meta(teachers: Sequence[Teacher], student: Any, step: Any) -> dict[
     return {
         "num_slots": int(student.num_slots),
         "cross_slot_attention": bool(student.cross_slot_attention),
+        "layout": str(student.layout),
         "teachers": [t.name for t in teachers],
         "teacher_classes": {t.name: list(t.class_names) for t in teachers},
         "teacher_checkpoints": {t.name: t.source for t in teachers},
