@@ -36,6 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backbone", default="resnet50", choices=("resnet50", "resnet101"))
     parser.add_argument("--dilation", action="store_true", help="DC5")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--foreground-bias",
+        type=float,
+        default=2.0,
+        help="added to the foreground logits' biases so that random weights still give "
+        "confident detections (TA gets pseudo-targets, as from a trained teacher); 0 = none",
+    )
     opts = parser.parse_args(argv)
     official_main, official_models, _ = import_official(opts.detr_repo.resolve())
     opts.out.mkdir(parents=True, exist_ok=True)
@@ -52,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         # with len(names) classes
         model.class_embed = torch.nn.Linear(model.class_embed.in_features, len(names) + 1)
         with torch.no_grad():
+            model.class_embed.bias[:-1] += opts.foreground_bias
             randomise_frozen_bn(model, torch.Generator().manual_seed(opts.seed + 100 + i))
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
