@@ -15,10 +15,22 @@ misread. The GIL is released for the work, which goes parallel (process-local, f
 pool) only above a work-size threshold.
 """
 
+from collections.abc import Sequence
 from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
+
+__all__ = [
+    "InfeasibleAssignmentError",
+    "box_convert",
+    "box_iou",
+    "generalized_box_iou",
+    "batched_nms",
+    "linear_sum_assignment",
+    "match_layers",
+    "build_pseudo_targets",
+]
 
 _F = TypeVar("_F", np.float32, np.float64)
 
@@ -38,12 +50,13 @@ def generalized_box_iou(boxes1: npt.NDArray[_F], boxes2: npt.NDArray[_F]) -> npt
     never NaN for finite input (see :func:`box_iou`)."""
 
 def batched_nms(
-    boxes: npt.NDArray[np.float32],
-    scores: npt.NDArray[np.float32],
+    boxes: npt.NDArray[_F],
+    scores: npt.NDArray[_F],
     labels: npt.NDArray[np.int64],
     iou_threshold: float,
 ) -> npt.NDArray[np.int64]:
-    """Class-aware NMS over xyxy ``boxes`` (N, 4); kept indices by decreasing score."""
+    """Class-aware NMS over xyxy ``boxes`` (N, 4) with ``scores`` (N,) of the same dtype
+    (float32 or float64); kept indices by decreasing score."""
 
 def linear_sum_assignment(
     cost: npt.NDArray[np.float64] | npt.NDArray[np.float32], maximize: bool = False
@@ -52,8 +65,8 @@ def linear_sum_assignment(
     float32 costs are widened exactly; ``maximize`` must be a bool (``TypeError`` otherwise)."""
 
 def match_layers(
-    pred_logits: list[npt.NDArray[np.float32]],
-    pred_boxes: list[npt.NDArray[np.float32]],
+    pred_logits: Sequence[npt.NDArray[np.float32]],
+    pred_boxes: Sequence[npt.NDArray[np.float32]],
     target_labels: npt.NDArray[np.int64],
     target_boxes: npt.NDArray[np.float32],
     target_sizes: npt.NDArray[np.int64],
@@ -77,11 +90,11 @@ def match_layers(
     """
 
 def build_pseudo_targets(
-    teacher_logits: list[npt.NDArray[np.float32]],
-    teacher_boxes: list[npt.NDArray[np.float32]],
-    local_to_union: list[npt.NDArray[np.int64]],
+    teacher_logits: Sequence[npt.NDArray[np.float32]],
+    teacher_boxes: Sequence[npt.NDArray[np.float32]],
+    local_to_union: Sequence[npt.NDArray[np.int64]],
     num_union_classes: int,
-    teacher_kinds: list[str],
+    teacher_kinds: list[str] | tuple[str, ...],
     threshold: float,
     top_n: int,
     fill_logit: float,

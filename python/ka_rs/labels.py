@@ -67,7 +67,7 @@ class LabelSpace:
             order (a name known to several teachers appears once).
     """
 
-    teacher_classes: tuple[tuple[str, tuple[str, ...]], ...]
+    teacher_classes: tuple[tuple[str, tuple[str | None, ...]], ...]
     names: tuple[str, ...] = field(init=False)
     _union_index: dict[str, int] = field(init=False, repr=False, compare=False)
     _teacher_index: dict[str, int] = field(init=False, repr=False, compare=False)
@@ -138,7 +138,8 @@ class LabelSpace:
     def local_to_union(self, teacher: str | int) -> np.ndarray:
         """``int64 (C_k,)``: union index of each of ``teacher``'s local classes, ``-1`` for a
         non-class slot (a fresh copy)."""
-        return self._maps[self.teacher_index(teacher)].copy()
+        out: np.ndarray = self._maps[self.teacher_index(teacher)].copy()
+        return out
 
     def teachers_of(self, name: str) -> tuple[str, ...]:
         """Names of the teachers that know class ``name``."""

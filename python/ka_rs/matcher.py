@@ -22,7 +22,7 @@ import math
 import numbers
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -59,7 +59,7 @@ def _field(obj: Any, key: str, where: str) -> Any:
 # An input array on the host (numpy, possibly a zero-copy view of a CPU tensor) or a tensor
 # still on its device (CUDA, MPS, ...). Host work is done with numpy only: numpy never touches
 # torch's intra-op thread pool, so the matcher also works in a plainly forked child process.
-_Array = Any
+_Array = np.ndarray | torch.Tensor
 
 
 def _check_tensor(x: torch.Tensor, name: str) -> None:
@@ -83,8 +83,8 @@ def _host_view(x: Any, name: str) -> _Array:
             return x.detach().numpy() if x.requires_grad else x.numpy()
         except (RuntimeError, TypeError):  # bfloat16, conjugate / negative views
             with _torch_memory(name):
-                x = x.detach().resolve_conj().resolve_neg()
-                return (x.float() if x.dtype == torch.bfloat16 else x).numpy()
+                t = x.detach().resolve_conj().resolve_neg()
+                return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
     if isinstance(x, np.ndarray):
         return x
     raise ValueError(f"{name}: expected a torch tensor or numpy array, got {type(x).__name__}")
@@ -110,7 +110,7 @@ def _on_host(items: list[_Array]) -> list[np.ndarray]:
     """Bring device tensors to the host: one compact transfer per device (stack first there)."""
     devices = {x.device for x in items if isinstance(x, torch.Tensor)}
     if not devices:
-        return items
+        return cast("list[np.ndarray]", items)  # no tensor: all numpy already
     with _torch_memory("pred_logits/pred_boxes/targets"):
         return _transfer(items, devices)
 
@@ -119,8 +119,11 @@ def _transfer(items: list[_Array], devices: set[torch.device]) -> list[np.ndarra
     """:func:`_on_host`'s transfers."""
     out = list(items)
     for dev in devices:
-        ids = [i for i, x in enumerate(items) if isinstance(x, torch.Tensor) and x.device == dev]
-        group = [items[i] for i in ids]
+        on_dev = [
+            (i, x) for i, x in enumerate(items) if isinstance(x, torch.Tensor) and x.device == dev
+        ]
+        ids = [i for i, _ in on_dev]
+        group = [x for _, x in on_dev]
         if len({t.dtype for t in group}) > 1:
             group = [t.to(_host_dtype(t)) for t in group]
         if len(ids) > 1 and len({t.shape[1:] for t in group}) == 1:
@@ -134,7 +137,7 @@ def _transfer(items: list[_Array], devices: set[torch.device]) -> list[np.ndarra
             for i, t in zip(ids, group, strict=True):
                 host = t.cpu()
                 out[i] = (host.float() if host.dtype == torch.bfloat16 else host).numpy()
-    return out
+    return cast("list[np.ndarray]", out)  # every tensor was replaced by its numpy copy
 
 
 def _concat(items: list[_Array], dtype: type) -> np.ndarray:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import numbers
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
@@ -151,11 +151,13 @@ def _as_float_array(
                 x = x.detach().to(torch.float32)
             arr = _tensor_to_numpy(x)
 
-        def restore(res: np.ndarray) -> torch.Tensor:
+        def restore_tensor(res: np.ndarray) -> torch.Tensor:
             out = torch.from_numpy(res)
             if out.is_floating_point() and out.dtype != dtype:
                 out = out.to(dtype)
             return out if device.type == "cpu" else out.to(device)
+
+        restore: Callable[[np.ndarray], Any] = restore_tensor
 
     elif isinstance(x, np.ndarray):
         if x.dtype.kind != "f":
@@ -169,10 +171,12 @@ def _as_float_array(
             work = np.dtype(np.float32 if x.itemsize <= 4 else np.float64)
         arr = np.ascontiguousarray(x) if x.dtype == work else np.ascontiguousarray(x, dtype=work)
 
-        def restore(res: np.ndarray) -> np.ndarray:
+        def restore_array(res: np.ndarray) -> np.ndarray:
             # float16 / long double input was computed in float32 / float64: hand back its
             # dtype (unless the other operand promoted the result)
             return res.astype(np_dtype) if np_dtype != work and res.dtype == work else res
+
+        restore = restore_array
 
     elif _is_array_like(x):
         arr = _asarray(x, name)
@@ -180,8 +184,10 @@ def _as_float_array(
             raise ValueError(f"{name}: expected numbers, got dtype {arr.dtype}")
         arr = np.ascontiguousarray(arr, dtype=np.float64)
 
-        def restore(res: np.ndarray) -> np.ndarray:
+        def restore_same(res: np.ndarray) -> np.ndarray:
             return res
+
+        restore = restore_same
 
     else:
         raise ValueError(f"{name}: expected a numpy array or torch tensor, got {_describe(x)}")
@@ -249,7 +255,7 @@ def box_convert(boxes: ArrayT, in_fmt: str, out_fmt: str) -> ArrayT:
         if fmt not in BOX_FORMATS:
             raise ValueError(f"{fname}: unknown box format {fmt!r}, expected one of {BOX_FORMATS}")
     arr, restore = _as_float_array(boxes, "boxes", ndim=2, last=4)
-    return restore(_native.box_convert(arr, in_fmt, out_fmt))
+    return cast(ArrayT, restore(_native.box_convert(arr, in_fmt, out_fmt)))
 
 
 def box_iou(boxes1: ArrayT, boxes2: ArrayT) -> ArrayT:
@@ -270,7 +276,7 @@ def box_iou(boxes1: ArrayT, boxes2: ArrayT) -> ArrayT:
     a, restore = _as_float_array(boxes1, "boxes1", ndim=2, last=4)
     b, _ = _as_float_array(boxes2, "boxes2", ndim=2, last=4)
     a, b = _common_float(a, b)
-    return _restore_pair(restore, boxes1, boxes2)(_native.box_iou(a, b))
+    return cast(ArrayT, _restore_pair(restore, boxes1, boxes2)(_native.box_iou(a, b)))
 
 
 def generalized_box_iou(boxes1: ArrayT, boxes2: ArrayT) -> ArrayT:
@@ -294,7 +300,7 @@ def generalized_box_iou(boxes1: ArrayT, boxes2: ArrayT) -> ArrayT:
     a, restore = _as_float_array(boxes1, "boxes1", ndim=2, last=4)
     b, _ = _as_float_array(boxes2, "boxes2", ndim=2, last=4)
     a, b = _common_float(a, b)
-    return _restore_pair(restore, boxes1, boxes2)(_native.generalized_box_iou(a, b))
+    return cast(ArrayT, _restore_pair(restore, boxes1, boxes2)(_native.generalized_box_iou(a, b)))
 
 
 def batched_nms(boxes: ArrayT, scores: ArrayT, labels: ArrayT, iou_threshold: float) -> ArrayT:

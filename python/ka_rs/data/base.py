@@ -94,7 +94,7 @@ class SkippedItem:
     message: str
 
 
-class DetectionDataset(Dataset):
+class DetectionDataset(Dataset[tuple[Any, Target]]):
     """Base class: ``__getitem__`` = ``load`` + optional ``transforms``.
 
     Subclasses implement :meth:`__len__`, :meth:`load` (RGB image and raw target, see the

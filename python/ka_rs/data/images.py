@@ -63,13 +63,16 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 
 from .base import DatasetError, ImageDecodeError
+
+if TYPE_CHECKING:
+    from PIL.ImageCms import ImageCmsTransform
 
 __all__ = [
     "ALPHA_BACKGROUND",
@@ -123,7 +126,7 @@ def exif_orientation(image: Image.Image) -> int:
     return 1
 
 
-def _decoder_range(image: Image.Image) -> float | None:
+def _decoder_range(image: ImageFile.ImageFile) -> float | None:
     """For a not yet loaded mode-``"I"`` image: the sample maximum its decoder declares
     (65535 for 16-bit raw modes and PNM files), ``None`` when the samples are 32-bit or unknown.
     """
@@ -140,7 +143,7 @@ def _decoder_range(image: Image.Image) -> float | None:
 
 
 @lru_cache(maxsize=1)
-def _lab_to_srgb() -> Any:
+def _lab_to_srgb() -> ImageCmsTransform:
     try:
         from PIL import ImageCms
     except ImportError as e:  # Pillow built without LittleCMS
@@ -201,10 +204,10 @@ def to_rgb(image: Image.Image, *, sample_max: float | None = None) -> DecodedIma
         raw = np.asarray(image, dtype=np.float32)
         if not np.isfinite(raw).all():
             raise ValueError("float samples include NaN or infinity")
-        lo, hi = (float(raw.min()), float(raw.max())) if raw.size else (0.0, 0.0)
-        if lo < 0.0 or hi > 1.0:
+        low, high = (float(raw.min()), float(raw.max())) if raw.size else (0.0, 0.0)
+        if low < 0.0 or high > 1.0:
             raise ValueError(
-                f"float samples span {lo:g}..{hi:g}, not [0, 1]: the intended scale (1, 255, "
+                f"float samples span {low:g}..{high:g}, not [0, 1]: the intended scale (1, 255, "
                 "65535, HDR) is ambiguous; rescale to [0, 1] or save as 8/16-bit"
             )
         return _grey_tensor(raw)

@@ -198,7 +198,8 @@ def _transform(pts: np.ndarray, radius: float, aspect: float, angle: float) -> n
     """Scale x by sqrt(aspect), y by 1/sqrt(aspect), rotate by ``angle``, scale by ``radius``."""
     sx, sy = math.sqrt(aspect) * radius, radius / math.sqrt(aspect)
     c, s = math.cos(angle), math.sin(angle)
-    return pts @ np.array([[c * sx, s * sx], [-s * sy, c * sy]])
+    out: np.ndarray = pts @ np.array([[c * sx, s * sx], [-s * sy, c * sy]])
+    return out
 
 
 def _render_patch(
@@ -518,7 +519,8 @@ class ShapesDataset(DetectionDataset):
         writes them).
         """
         if self._coco_gt is None:
-            images, annotations = [], []
+            images: list[dict[str, Any]] = []
+            annotations: list[dict[str, Any]] = []
             for i in range(len(self)):
                 images.append(self.image_info(i))
                 _append_annotations(annotations, i + 1, self.render(i, pixels=False))
@@ -617,7 +619,8 @@ def export_shapes(
             image_dir = root / split
             image_dir.mkdir(parents=True, exist_ok=True)
             task = bar.add_task(f"shapes/{split}", total=len(ds)) if bar else None
-            images, annotations = [], []
+            images: list[dict[str, Any]] = []
+            annotations: list[dict[str, Any]] = []
             for i in range(len(ds)):
                 sample = ds.render(i)
                 assert sample.image is not None

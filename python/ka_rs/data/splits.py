@@ -154,7 +154,7 @@ def validate_split(
         )
 
 
-class ClassSubset(torch.utils.data.Dataset):
+class ClassSubset(torch.utils.data.Dataset[tuple[Any, Target]]):
     """View of a detection dataset restricted to some classes (the paper's teacher protocol).
 
     Every image is kept; only the annotations of ``class_names`` remain, with labels remapped to

@@ -236,7 +236,8 @@ def _to_array(image: Image_) -> np.ndarray:
     _hw(image)
     src = image.detach().cpu().numpy()
     if src.dtype == np.uint8:
-        return np.multiply(src, np.float32(1.0 / 255.0), dtype=np.float32)
+        scaled: np.ndarray = np.multiply(src, np.float32(1.0 / 255.0), dtype=np.float32)
+        return scaled
     return np.array(src, dtype=np.float32, copy=True)
 
 

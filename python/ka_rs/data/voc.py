@@ -283,7 +283,8 @@ class VocDetection(DetectionDataset):
     def coco_gt(self) -> dict[str, Any]:
         """COCO ground truth: 0-based ``[x, y, w, h]`` boxes (unclipped), category id = class
         index + 1, image id = index + 1, difficult objects as ``iscrowd=1`` (see module doc)."""
-        images, annotations = [], []
+        images: list[dict[str, Any]] = []
+        annotations: list[dict[str, Any]] = []
         for i, (name, rec) in enumerate(zip(self.image_names, self._records, strict=True)):
             images.append(
                 {

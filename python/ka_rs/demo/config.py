@@ -16,6 +16,7 @@ Overrides name their section: ``--set teacher.train.max_steps=800``,
 from __future__ import annotations
 
 import copy
+import sys
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -33,10 +34,10 @@ from ka_rs.engine.config import (
     parse_override,
 )
 
-try:  # Python >= 3.11
+if sys.version_info >= (3, 11):
     import tomllib
-except ModuleNotFoundError:  # pragma: no cover
-    import tomli as tomllib  # type: ignore[no-redef]
+else:  # pragma: no cover - Python 3.10 with the tomli backport
+    import tomli as tomllib
 
 __all__ = [
     "DEMO_DEFAULTS",

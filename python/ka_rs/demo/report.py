@@ -20,7 +20,7 @@ import os
 import platform
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -32,6 +32,9 @@ from ka_rs.demo.jobs import resolve_workers
 from ka_rs.demo.student import StudentRun
 from ka_rs.demo.teachers import TeacherRun
 from ka_rs.teachers import Teacher
+
+if TYPE_CHECKING:
+    from ka_rs.models import DETR
 
 __all__ = [
     "build_results",
@@ -244,7 +247,7 @@ def _detections_grid(
             gts.append({"boxes": target["boxes"][sel].numpy()})
             x, t = tf(image, target)
             out = model(x[None].to(device), None)
-            head = model.config.class_head
+            head = cast("DETR", model).config.class_head  # the student: a ka_rs DETR
             dets.extend(postprocess(out, t["orig_size"][None].to(device), class_head=head))
     return plot_detections(
         pics,

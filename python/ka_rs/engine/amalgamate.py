@@ -227,7 +227,9 @@ def _run(
         train_ds = cache.dataset
     loop_ref: dict[str, Any] = {}
 
-    def loss_fn(net: nn.Module, images: torch.Tensor, mask: torch.Tensor, targets: list) -> Any:
+    def loss_fn(
+        net: nn.Module, images: torch.Tensor, mask: torch.Tensor, targets: list[dict[str, Any]]
+    ) -> Any:
         loop = loop_ref["loop"]
         w_amg = 1.0
         if amg.mode == "label_assisted":

@@ -46,12 +46,15 @@ import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from ka_rs.engine.logging import atomic_write
+
+if TYPE_CHECKING:
+    from ka_rs.models import DETR
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -243,7 +246,7 @@ def save_checkpoint(
         NonFiniteError: a model weight is NaN or infinite (``check_finite``; nothing written).
         OutputError: the write failed; the previous file at ``path`` is intact.
     """
-    module = model.module if hasattr(model, "module") else model
+    module: torch.nn.Module = getattr(model, "module", model)  # DDP wrappers: the model inside
     model_config = getattr(module, "config", None)
     state = module.state_dict()
     if check_finite:
@@ -422,8 +425,8 @@ def _warnings_silenced() -> Any:
 class LoadedDetector:
     """A detector rebuilt from a checkpoint (in eval mode) with its metadata."""
 
-    model: torch.nn.Module
-    class_names: list[str]
+    model: DETR
+    class_names: list[str | None]
     config: dict[str, Any]
     checkpoint: dict[str, Any]
 
@@ -445,6 +448,7 @@ def detector_from_checkpoint(
     try:
         dcfg = DetrConfig.from_dict(mc)
         student = ckpt.get("student")  # written by ka_rs.engine.amalgamate
+        model: DETR
         if student:  # the slot or the compact layout (models.student.student_from_checkpoint)
             from ka_rs.models.student import student_from_checkpoint
 

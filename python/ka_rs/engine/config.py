@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import sys
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -24,10 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, Union
 
-try:  # Python >= 3.11
+if sys.version_info >= (3, 11):
     import tomllib
-except ModuleNotFoundError:  # pragma: no cover - Python 3.10 with the tomli backport
-    import tomli as tomllib  # type: ignore[no-redef]
+else:  # pragma: no cover - Python 3.10 with the tomli backport
+    import tomli as tomllib
 
 __all__ = [
     "Config",
@@ -433,11 +434,12 @@ def read_toml_file(path: str | Path) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError(f"config file {str(p)!r} cannot be read: {exc.strerror or exc}") from None
     try:
-        return tomllib.loads(text)
+        data: dict[str, Any] = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(
             f"config file {str(p)!r} is not valid TOML: {describe_toml_error(exc, text)}"
         ) from None
+    return data
 
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:

@@ -18,7 +18,7 @@ import contextlib
 import datetime
 import os
 import random
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -195,7 +195,7 @@ def broadcast_object(obj: T, src: int = 0) -> T:
     return buf[0]
 
 
-class ResumableDistributedSampler(DistributedSampler):
+class ResumableDistributedSampler(DistributedSampler[Any]):
     """Deterministic (seed, epoch) shuffling, sharded over ranks, resumable mid-epoch.
 
     Yields ``(epoch, index)`` pairs (pass the dataset through :class:`SeededDataset`) or plain
@@ -287,7 +287,7 @@ def seeded_rng(seed: int) -> Iterator[None]:
         np.random.set_state(np_state)
 
 
-class SeededDataset(Dataset):
+class SeededDataset(Dataset[Any]):
     """Wrap a dataset so that item ``(epoch, index)`` is drawn with its own fixed random seed.
 
     Random augmentations inside ``dataset[index]`` (flips, jitter, crops) then depend only on
@@ -303,7 +303,7 @@ class SeededDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: int | Sequence[int]) -> Any:
+    def __getitem__(self, key: int | tuple[int, int] | list[int]) -> Any:
         if isinstance(key, (tuple, list)):
             epoch, index = int(key[0]), int(key[1])
         else:

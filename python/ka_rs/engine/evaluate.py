@@ -28,7 +28,7 @@ import contextlib
 import io
 import json
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Sized
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -179,7 +179,7 @@ def _silent() -> contextlib.AbstractContextManager[Any]:
 
 
 def _category_maps(
-    coco_gt: Mapping[str, Any], class_names: Sequence[str]
+    coco_gt: Mapping[str, Any], class_names: Sequence[str | None]
 ) -> tuple[dict[int, int], dict[str, int]]:
     name_to_cat: dict[str, int] = {}
     for cat in coco_gt.get("categories", []):
@@ -191,7 +191,7 @@ def _category_maps(
 def coco_evaluate(
     coco_gt: Mapping[str, Any],
     detections: Sequence[Mapping[str, Any]],
-    class_names: Sequence[str],
+    class_names: Sequence[str | None],
     subsets: Mapping[str, Sequence[str]] | None = None,
     image_ids: Iterable[int] | None = None,
     max_dets: int = 100,
@@ -203,7 +203,7 @@ def coco_evaluate(
             pixels), e.g. ``dataset.coco_gt()``.
         detections: ``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}`` dicts.
         class_names: the model's classes; only ground-truth categories with these names are
-            scored (the union).
+            scored (the union); a ``None`` entry (a non-class slot) never is.
         subsets: optional ``{name: [class names]}``; each must be a subset of ``class_names``.
         image_ids: images to score (default: every image in ``coco_gt``).
         max_dets: maximum detections per image considered.
@@ -229,7 +229,8 @@ def coco_evaluate(
         if bad:
             raise ValueError(f"subsets[{sname!r}]: classes {bad} are not among the model's classes")
     cat_ids = [label_to_cat[i] for i in range(len(class_names)) if i in label_to_cat]
-    cat_name = {c: class_names[i] for i, c in label_to_cat.items()}
+    # every label in label_to_cat has a name (a category's): the filter drops nothing
+    cat_name = {c: n for i, c in label_to_cat.items() if (n := class_names[i]) is not None}
     if image_ids is None:
         img_ids = sorted(int(im["id"]) for im in coco_gt.get("images", []))
     else:
@@ -314,7 +315,8 @@ def find_coco_gt(dataset: Any) -> dict[str, Any]:
     while obj is not None and seen < 8:
         fn = getattr(type(obj), "coco_gt", None)
         if callable(fn):
-            return obj.coco_gt()
+            gt: dict[str, Any] = obj.coco_gt()
+            return gt
         obj = getattr(obj, "dataset", None)
         seen += 1
     raise ValueError(
@@ -327,7 +329,7 @@ def make_eval_loader(
     batch_size: int,
     num_workers: int = 0,
     info: DistInfo | None = None,
-) -> torch.utils.data.DataLoader:
+) -> torch.utils.data.DataLoader[Any]:
     """An in-order, unpadded, rank-sharded DataLoader for evaluation (uses ``collate_fn``)."""
     from ka_rs.data import collate_fn
 
@@ -362,7 +364,7 @@ def _class_head(model: torch.nn.Module, num_logits: int, num_classes: int) -> st
 def evaluate(
     model: torch.nn.Module,
     data_loader: Iterable[Any],
-    class_names: Sequence[str],
+    class_names: Sequence[str | None],
     subsets: Mapping[str, Sequence[str]] | None = None,
     *,
     coco_gt: Mapping[str, Any] | None = None,
@@ -383,7 +385,8 @@ def evaluate(
             :func:`ka_rs.data.collate_fn` builds them; targets need ``image_id`` and
             ``orig_size``. Under torchrun, give each rank its own shard
             (:func:`make_eval_loader`).
-        class_names: the model's classes in label order.
+        class_names: the model's classes in label order (``None``: a non-class slot, never
+            scored).
         subsets: optional ``{name: [class names]}`` scored separately (e.g. per teacher).
         coco_gt: ground truth; default ``data_loader.dataset.coco_gt()``.
         device: where to run the model (default: the model's device).
@@ -423,7 +426,7 @@ def evaluate(
     net.eval()
     detections: list[dict[str, Any]] = []
     image_ids: list[int] = []
-    total = len(data_loader) if hasattr(data_loader, "__len__") else None
+    total = len(data_loader) if isinstance(data_loader, Sized) else None
     from ka_rs.engine.logging import make_progress
 
     try:

@@ -196,7 +196,7 @@ def setup_logging(rank: int = 0, level: int = logging.INFO) -> logging.Logger:
         handler.setFormatter(
             logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(message)s", "%H:%M:%S")
         )
-    handler._ka_rs = True  # type: ignore[attr-defined]
+    vars(handler)["_ka_rs"] = True  # marks our handler: the next call replaces it
     logger.addHandler(handler)
     logger.setLevel(level if rank == 0 else logging.WARNING)
     logger.propagate = False

@@ -19,7 +19,7 @@ from ka_rs.teachers.base import Teacher
 __all__ = ["TeacherCache"]
 
 
-class _ListDataset(torch.utils.data.Dataset):
+class _ListDataset(torch.utils.data.Dataset[tuple[torch.Tensor, dict[str, Any]]]):
     """In-memory ``(image, target)`` items (the teacher cache's fixed training images)."""
 
     def __init__(self, items: list[tuple[torch.Tensor, dict[str, Any]]]) -> None:

@@ -451,7 +451,7 @@ class TrainLoop:
             out["lr_backbone" if g.get("name") == "backbone" else "lr"] = float(g["lr"])
         return out
 
-    def _make_loader(self, epoch: int, start_batch: int) -> torch.utils.data.DataLoader:
+    def _make_loader(self, epoch: int, start_batch: int) -> torch.utils.data.DataLoader[Any]:
         self.sampler.set_epoch(epoch)
         self.sampler.set_start(start_batch * self.train_cfg.batch_size)
         return torch.utils.data.DataLoader(
@@ -943,7 +943,7 @@ def build_teacher_loop(config: Config, info: DistInfo) -> TrainLoop:
     amp = config.train.amp
 
     def loss_fn(
-        net: nn.Module, images: torch.Tensor, mask: torch.Tensor, targets: list[dict]
+        net: nn.Module, images: torch.Tensor, mask: torch.Tensor, targets: list[dict[str, Any]]
     ) -> dict[str, Any]:
         with autocast(amp, images.device):  # forward only; the losses run in float32
             out = net(images, mask)

@@ -216,6 +216,8 @@ class SetCriterion(nn.Module):
             ``enc_outputs``).
     """
 
+    empty_weight: Tensor  # buffer: class weights of the softmax CE (registered in __init__)
+
     def __init__(
         self,
         num_classes: int,

@@ -230,7 +230,7 @@ class TaskAmalgamationLoss(nn.Module):
 
     def _soft_targets(self, tgt: Mapping[str, Any], i: int, device: torch.device) -> Tensor:
         """(M, num_logits) soft logits of image i in the student's convention."""
-        soft = tgt["soft_logits"]
+        soft: Tensor = tgt["soft_logits"]
         m = tgt["labels"].shape[0]
         # a sigmoid head ignores the background column, so it also accepts (M, |U|)
         ok_cols = {self.num_classes + 1, self.num_logits}

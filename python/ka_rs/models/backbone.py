@@ -27,8 +27,8 @@ normalisation at all; train from scratch with the small CNN instead, which uses 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +52,12 @@ class FrozenBatchNorm2d(nn.Module):
     dict holds ``weight``, ``bias``, ``running_mean``, ``running_var`` like ``nn.BatchNorm2d``;
     a ``num_batches_tracked`` entry in a loaded state dict is ignored.
     """
+
+    # buffers (registered in __init__)
+    weight: Tensor
+    bias: Tensor
+    running_mean: Tensor
+    running_var: Tensor
 
     def __init__(self, num_features: int, eps: float = 1e-5) -> None:
         super().__init__()
@@ -215,7 +221,8 @@ class ResNet(nn.Module):
         """(B, 3, H, W) -> (B, num_channels, ~H/stride, ~W/stride) (ceil(H/32), or ceil(H/16)
         dilated)."""
         x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        out: Tensor = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return out
 
     def load_torchvision_state_dict(self, state_dict: Mapping[str, Tensor]) -> None:
         """Load the state dict of a torchvision ResNet of the same depth.
@@ -295,7 +302,7 @@ class SmallCNN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, 3, H, W) -> (B, num_channels, ~H/stride, ~W/stride)."""
-        for stage in self.stages:
+        for stage in cast("Iterable[nn.ModuleDict]", self.stages):
             x = stage["down"](x)
             x = F.relu(x + stage["refine"](x))
         return x

@@ -106,7 +106,7 @@ def attention(
     ``nn.MultiheadAttention`` would return it.
     """
     if not torch.is_autocast_enabled(query.device.type) or not _plain_mha(mha):
-        return mha(
+        out: Tensor = mha(
             query,
             key,
             value,
@@ -114,6 +114,7 @@ def attention(
             attn_mask=attn_mask,
             need_weights=False,
         )[0]
+        return out
     return _attention_fp32_core(mha, query, key, value, key_padding_mask, attn_mask)
 
 
@@ -235,10 +236,12 @@ class TransformerEncoderLayer(nn.Module):
     ) -> Tensor:
         q = k = _with_pos(x, pos)
         out = attention(self.self_attn, q, k, x, key_padding_mask=padding, attn_mask=attn_mask)
-        return self.dropout(out)
+        dropped: Tensor = self.dropout(out)
+        return dropped
 
     def _ffn(self, x: Tensor) -> Tensor:
-        return self.dropout(self.linear2(self.dropout(F.relu(self.linear1(x)))))
+        out: Tensor = self.dropout(self.linear2(self.dropout(F.relu(self.linear1(x)))))
+        return out
 
     def forward(
         self,
@@ -252,7 +255,8 @@ class TransformerEncoderLayer(nn.Module):
             src = src + self._attend(self.norm1(src), pos, key_padding_mask, attn_mask)
             return src + self._ffn(self.norm2(src))
         src = self.norm1(src + self._attend(src, pos, key_padding_mask, attn_mask))
-        return self.norm2(src + self._ffn(src))
+        out: Tensor = self.norm2(src + self._ffn(src))
+        return out
 
 
 class TransformerEncoder(nn.Module):
@@ -331,7 +335,8 @@ class TransformerDecoderLayer(nn.Module):
 
     def _self(self, x: Tensor, query_pos: Tensor | None) -> Tensor:
         q = k = _with_pos(x, query_pos)
-        return self.dropout(attention(self.self_attn, q, k, x))
+        out: Tensor = self.dropout(attention(self.self_attn, q, k, x))
+        return out
 
     def _cross(
         self,
@@ -357,10 +362,12 @@ class TransformerDecoderLayer(nn.Module):
             key_padding_mask=padding,
             attn_mask=bias,
         )
-        return self.dropout(out)
+        dropped: Tensor = self.dropout(out)
+        return dropped
 
     def _ffn(self, x: Tensor) -> Tensor:
-        return self.dropout(self.linear2(self.dropout(F.relu(self.linear1(x)))))
+        out: Tensor = self.dropout(self.linear2(self.dropout(F.relu(self.linear1(x)))))
+        return out
 
     def forward(
         self,
@@ -384,7 +391,8 @@ class TransformerDecoderLayer(nn.Module):
             return tgt + self._ffn(self.norm3(tgt))
         tgt = self.norm1(tgt + self._self(tgt, query_pos))
         tgt = self.norm2(tgt + self._cross(tgt, memory, query_pos, memory_pos, pad, bias))
-        return self.norm3(tgt + self._ffn(tgt))
+        out: Tensor = self.norm3(tgt + self._ffn(tgt))
+        return out
 
 
 class TransformerDecoder(nn.Module):

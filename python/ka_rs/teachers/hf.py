@@ -308,6 +308,10 @@ class PixelTransform(nn.Module):
         ValueError: a mean / std that is not 1 or 3 numbers, or a std that is not positive.
     """
 
+    # buffers (registered in __init__)
+    scale: Tensor
+    shift: Tensor
+
     def __init__(
         self,
         *,
@@ -659,7 +663,8 @@ def load_hf_teacher(ref: str, *, classes: Sequence[str | None] | None, source: s
 def external_record(teacher: HFDetectorTeacher) -> dict[str, Any]:
     """Plain data that, with the model's state dict, rebuilds ``teacher`` without its folder
     (stored by ``ka-rs convert`` in a ka_rs checkpoint; JSON-friendly, ``weights_only``-safe)."""
-    config = teacher.model.config.to_dict()
+    hf_model: Any = teacher.model  # a transformers PreTrainedModel (an optional extra)
+    config = hf_model.config.to_dict()
     return {
         "library": "transformers",
         "model_type": str(teacher.info["model_type"]),

@@ -206,7 +206,7 @@ def _map_key(key: str) -> str | None:
 
 # -- the backbone -------------------------------------------------------------------------------
 
-_DEPTHS = {
+_DEPTHS: dict[tuple[str, tuple[int, ...]], str] = {
     ("basic", (2, 2, 2, 2)): "resnet18",
     ("basic", (3, 4, 6, 3)): "resnet34",
     ("bottleneck", (3, 4, 6, 3)): "resnet50",

@@ -114,7 +114,7 @@ DETR_KEY_MAP: tuple[tuple[str, str], ...] = (
 )
 
 # (bottleneck blocks?, blocks per stage) -> torchvision name
-_RESNET_BLOCKS = {
+_RESNET_BLOCKS: dict[tuple[bool, tuple[int, ...]], str] = {
     (False, (2, 2, 2, 2)): "resnet18",
     (False, (3, 4, 6, 3)): "resnet34",
     (True, (3, 4, 6, 3)): "resnet50",
