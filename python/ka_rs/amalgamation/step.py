@@ -115,7 +115,10 @@ class AmalgamationStep(nn.Module):
             raise ValueError(f"mode: expected one of {MODES}, got {opt['mode']!r}")
         if opt["sa"] and opt["aggregation"]:
             raise ValueError("aggregation: replaces SA; use it with sa=False")
+        # a ModuleList so that .to(device) moves the (frozen) teachers; teacher_list holds the
+        # same objects, typed
         self.teachers = nn.ModuleList(teachers)
+        self.teacher_list: list[Teacher] = list(teachers)
         self.label_space: LabelSpace = label_space_of(teachers)
         if student_config.num_classes != self.label_space.num_classes:
             raise ValueError(
@@ -169,8 +172,9 @@ class AmalgamationStep(nn.Module):
 
     def coverage(self) -> str:
         """One line saying which teachers SA covers and which are TA-only (for run logs)."""
-        sa = [self.teachers[k].name for k in self.sa_teachers]
-        ta_only = [t.name for k, t in enumerate(self.teachers) if k not in self.sa_teachers]
+        names = [t.name for t in self.teacher_list]
+        sa = [names[k] for k in self.sa_teachers]
+        ta_only = [n for k, n in enumerate(names) if k not in self.sa_teachers]
         if not (self.options["sa"] or self.options["aggregation"]):
             return "SA off"
         what = "aggregation" if self.options["aggregation"] else "SA"
@@ -190,7 +194,7 @@ class AmalgamationStep(nn.Module):
     def run_teachers(self, images: Tensor, mask: Tensor | None = None) -> list[DetrOutput]:
         """Every teacher's (float32) output on a batch, in teacher order."""
         outs = []
-        for t in self.teachers:
+        for t in self.teacher_list:
             with autocast(self.amp, images.device):
                 out = t(images, mask)
             outs.append(_float(out))

@@ -378,7 +378,7 @@ def _teacher_cache(config: AmalgamateConfig, step: Any, train_ds: Any, info: Any
     from ka_rs.engine.teacher_cache import TeacherCache
 
     cache = TeacherCache.build(
-        list(step.teachers),
+        step.teacher_list,
         train_ds,
         batch_size=config.train.eval_batch_size or 2 * config.train.batch_size,
         device=info.device,
@@ -390,7 +390,7 @@ def _teacher_cache(config: AmalgamateConfig, step: Any, train_ds: Any, info: Any
         log.info(
             "teacher cache: %d images labelled by %d teachers in %.1f s (%.0f MiB)",
             len(cache),
-            len(step.teachers),
+            len(step.teacher_list),
             cache.seconds,
             cache.nbytes / 2**20,
         )

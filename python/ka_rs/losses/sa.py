@@ -309,13 +309,22 @@ class AggregationHintLoss(nn.Module):
         """Initialise every projection to the teacher average [I/N, …, I/N] (d × N·d)."""
         eye = torch.eye(self.hidden_dim) / self.num_teachers
         for proj in self.projections:
+            assert isinstance(proj, nn.Linear)
             proj.weight.copy_(eye.repeat(1, self.num_teachers))
 
     def hint(self, teachers: Sequence[Any], point: int, valid: Tensor | None = None) -> Tensor:
         """The fused (B, S, d) hint at hook ``point`` from N teachers' (detached) sequences."""
         t_seqs = [_sequences_of(t, f"teachers[{k}]") for k, t in enumerate(teachers)]
-        normed = [normalize_sequence(ts[point].detach(), valid, self.eps) for ts in t_seqs]
-        return self.projections[point](torch.cat(normed, dim=-1))
+        return self._fuse(point, [ts[point] for ts in t_seqs], valid)
+
+    def _fuse(self, point: int, sequences: Sequence[Tensor], valid: Tensor | None) -> Tensor:
+        """Normalise the teachers' (B, S, d) sequences at ``point`` (detached), concatenate
+        them along channels and project: the (B, S, d) hint."""
+        normed = [normalize_sequence(x.detach(), valid, self.eps) for x in sequences]
+        projection = self.projections[point]
+        assert isinstance(projection, nn.Linear)
+        fused: Tensor = projection(torch.cat(normed, dim=-1))
+        return fused
 
     def forward(
         self,
@@ -370,11 +379,8 @@ class AggregationHintLoss(nn.Module):
                         f"got {tuple(t_seqs[k][point].shape)}"
                     )
             point_valid = valid if (point > 0 or self.mask_input_point) else None
-            normed = [
-                normalize_sequence(t_seqs[k][point].detach().to(s.dtype), point_valid, self.eps)
-                for k in range(self.num_teachers)
-            ]
-            hint = self.projections[point](torch.cat(normed, dim=-1))
+            teacher_seqs = [t_seqs[k][point].to(s.dtype) for k in range(self.num_teachers)]
+            hint = self._fuse(point, teacher_seqs, point_valid)
             loss = sequence_mse(normalize_sequence(s, point_valid, self.eps), hint, point_valid)
             out[f"loss_hint_{point}"] = loss.detach()
             total = total + self.weights[point] * loss

@@ -317,8 +317,7 @@ class DETR(nn.Module):
             else:
                 self.anchors = nn.Parameter(inverse_sigmoid(init))
             # start from the anchors (zero delta) and from a low foreground prior (focal loss)
-            nn.init.zeros_(self.bbox_embed.layers[-1].weight)
-            nn.init.zeros_(self.bbox_embed.layers[-1].bias)
+            self.bbox_embed.zero_output()
             nn.init.constant_(self.class_embed.bias, -math.log((1 - 0.01) / 0.01))
         if config.dense_aux:
             self.enc_class_embed = nn.Linear(d, config.num_classes)
@@ -327,8 +326,7 @@ class DETR(nn.Module):
             # token box = sigmoid(logit of a cell-centred anchor_size box + delta); zero delta
             # at the start
             self.enc_bbox_embed = MLP(d, d, 4, 3)
-            nn.init.zeros_(self.enc_bbox_embed.layers[-1].weight)
-            nn.init.zeros_(self.enc_bbox_embed.layers[-1].bias)
+            self.enc_bbox_embed.zero_output()
 
     @property
     def num_queries(self) -> int:
@@ -372,7 +370,10 @@ class DETR(nn.Module):
             (B, S, d). A subclass may compute the same thing differently (the amalgamation
             student runs its block-diagonal attention as independent per-slot sequences).
         """
-        return self.transformer.encoder(enc.tokens, enc.pos, padding, enc.attn_mask)
+        encoded: tuple[list[Tensor], Tensor] = self.transformer.encoder(
+            enc.tokens, enc.pos, padding, enc.attn_mask
+        )
+        return encoded
 
     # -- forward ----------------------------------------------------------------------------
 
@@ -439,7 +440,8 @@ class DETR(nn.Module):
         cell centre."""
         size = token_xy.new_full((*token_xy.shape[:-1], 2), self.config.anchor_size)
         ref = inverse_sigmoid(torch.cat((token_xy.clamp(0.0, 1.0), size), dim=-1))
-        return (ref + self.enc_bbox_embed(memory)).sigmoid()
+        delta: Tensor = self.enc_bbox_embed(memory)
+        return (ref + delta).sigmoid()
 
     def select_queries(
         self, memory: Tensor, enc_outputs: Mapping[str, Tensor], num_cells: int | None = None

@@ -386,7 +386,7 @@ def student_from_checkpoint(
 def _stride(config: DetrConfig) -> int:
     """Output stride of ``config``'s backbone: 2^stages (small CNN), 16 (DC5 ResNet) or 32."""
     if config.backbone == "small_cnn":
-        return 2 ** len(config.cnn_channels)
+        return 1 << len(config.cnn_channels)
     return 16 if config.dilation else 32
 
 

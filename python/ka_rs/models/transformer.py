@@ -70,6 +70,15 @@ class MLP(nn.Module):
             nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True)
         )
 
+    @torch.no_grad()
+    def zero_output(self) -> None:
+        """Zero the last layer's weight and bias: the MLP starts by predicting 0 (a zero box
+        delta)."""
+        last = self.layers[-1]
+        assert isinstance(last, nn.Linear)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+
     def forward(self, x: Tensor) -> Tensor:
         """(..., input_dim) -> (..., output_dim)."""
         for i, layer in enumerate(self.layers):
