@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ka_rs.models.weights import state_dict_mismatch
+
 __all__ = [
     "BACKBONES",
     "DILATABLE",
@@ -240,19 +242,11 @@ class ResNet(nn.Module):
             for k, v in state_dict.items()
             if not k.startswith("fc.") and not k.endswith("num_batches_tracked")
         }
-        missing = sorted(set(own) - set(kept))
-        unexpected = sorted(set(kept) - set(own))
-        if missing or unexpected:
+        problem = state_dict_mismatch(own, kept, limit=5)
+        if problem:
             raise ValueError(
-                f"state_dict: not a torchvision ResNet state dict for this depth "
-                f"(missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''})"
+                f"state_dict: not a torchvision ResNet state dict for this depth ({problem})"
             )
-        for k, v in kept.items():
-            if tuple(v.shape) != tuple(own[k].shape):
-                raise ValueError(
-                    f"state_dict: {k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}"
-                )
         self.load_state_dict(kept)
 
 

@@ -69,6 +69,7 @@ from torch import Tensor
 
 from ka_rs.models.backbone import BACKBONES
 from ka_rs.models.detr import DETR, DetrConfig
+from ka_rs.models.weights import state_dict_mismatch
 
 __all__ = [
     "HF_DETR_KEY_MAP",
@@ -428,18 +429,11 @@ def convert_hf_detr_state_dict(
     )
     with torch.device("meta"):  # shapes only
         expected = DETR(cfg).state_dict()
-    missing = sorted(set(expected) - set(mapped))
-    unexpected = sorted(set(mapped) - set(expected))
-    if missing or unexpected:
+    problem = state_dict_mismatch(expected, mapped)
+    if problem:
         raise HfDetrError(
-            f"{where}: weights do not match a {backbone} DETR of this config "
-            f"(missing {missing[:6]}, unexpected {unexpected[:6]})"
+            f"{where}: weights do not match a {backbone} DETR of this config ({problem})"
         )
-    for k, v in mapped.items():
-        if tuple(v.shape) != tuple(expected[k].shape):
-            raise HfDetrError(
-                f"{where}: {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}"
-            )
     facts = {
         "backbone_layout": layout,
         "backbone": backbone,

@@ -81,6 +81,7 @@ import torch
 from torch import Tensor
 
 from ka_rs.models.detr import DETR, DetrConfig
+from ka_rs.models.weights import state_dict_mismatch
 from ka_rs.teachers.base import DetrTeacher
 from ka_rs.teachers.coco import COCO_91_SLOTS
 from ka_rs.teachers.sources import SourceError
@@ -443,20 +444,13 @@ def _convert(
 
     with torch.device("meta"):  # shapes only, no memory
         meta_model = DETR(config)
-    expected = meta_model.state_dict()
-    missing = sorted(set(expected) - set(mapped))
-    unexpected = sorted(set(mapped) - set(expected))
-    if missing or unexpected:
+    problem = state_dict_mismatch(meta_model.state_dict(), mapped, limit=4)
+    if problem:
         raise SourceError(
-            f"{where}: {_EXPECTED}, but its keys do not fit a DETR of the inferred shape "
-            f"(missing {missing[:4]}, unexpected {unexpected[:4]})"
+            f"{where}: {_EXPECTED}, but its weights do not fit a DETR of the inferred shape "
+            f"({problem})"
         )
     for k, v in mapped.items():
-        if tuple(v.shape) != tuple(expected[k].shape):
-            raise SourceError(
-                f"{where}: {_EXPECTED}, but {k} has shape {tuple(v.shape)} where a DETR of the "
-                f"inferred shape has {tuple(expected[k].shape)}"
-            )
         if not v.is_floating_point():
             raise SourceError(f"{where}: {_EXPECTED}, but {k} has dtype {v.dtype}")
     return config, {k: v.to(torch.float32) for k, v in mapped.items()}, meta_model
