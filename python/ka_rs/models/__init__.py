@@ -19,7 +19,13 @@ from ka_rs.models.backbone import (
 from ka_rs.models.detr import DETR, VARIANTS, DetrConfig, DetrOutput, EncoderInput, postprocess
 from ka_rs.models.position import PositionEmbeddingSine, box_sine_embedding
 from ka_rs.models.presets import PRESETS, TRAINING_HINTS, build_model, preset_config
-from ka_rs.models.student import AmalgamationStudent, build_student, slot_attention_mask
+from ka_rs.models.student import (
+    AmalgamationStudent,
+    CompactAmalgamationStudent,
+    build_student,
+    slot_attention_mask,
+    student_from_checkpoint,
+)
 from ka_rs.models.transformer import (
     MLP,
     AnchorDecoder,
@@ -39,6 +45,7 @@ __all__ = [
     "TRAINING_HINTS",
     "VARIANTS",
     "AmalgamationStudent",
+    "CompactAmalgamationStudent",
     "AnchorDecoder",
     "Backbone",
     "DetrConfig",
@@ -61,4 +68,5 @@ __all__ = [
     "postprocess",
     "preset_config",
     "slot_attention_mask",
+    "student_from_checkpoint",
 ]
