@@ -1,6 +1,6 @@
 """Benchmark: one teacher training step under each mixed-precision mode (``train.amp``).
 
-The step is :meth:`ka_rs.engine.train.TrainLoop.train_step` of the loop that
+The step is :meth:`ka_rs.engine.loop.TrainLoop.train_step` of the loop that
 :func:`ka_rs.engine.train.build_teacher_loop` builds for ``configs/teacher_shapes.toml`` (the
 ``anchor_tiny`` preset, batch 16, 96 px shapes images): forward, set-criterion losses,
 backward, gradient clipping and the AdamW step. Data loading is excluded: a few batches are
@@ -41,7 +41,8 @@ import torch
 from ka_rs.engine import amp as amp_mod
 from ka_rs.engine.config import load_config
 from ka_rs.engine.distributed import DistInfo
-from ka_rs.engine.train import TrainLoop, build_teacher_loop
+from ka_rs.engine.loop import TrainLoop
+from ka_rs.engine.train import build_teacher_loop
 from ka_rs.models import transformer
 
 CONFIG = "configs/teacher_shapes.toml"

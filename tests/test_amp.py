@@ -18,7 +18,8 @@ from ka_rs.engine.config import _CHOICES, Config, ConfigError, load_config
 from ka_rs.engine.distributed import DistInfo
 from ka_rs.engine.evaluate import evaluate, make_eval_loader
 from ka_rs.engine.logging import read_metrics
-from ka_rs.engine.train import SCALER_KEY, build_teacher_loop, train_teacher
+from ka_rs.engine.loop import SCALER_KEY
+from ka_rs.engine.train import build_teacher_loop, train_teacher
 from ka_rs.models import DetrOutput, build_model, transformer
 from ka_rs.models.student import AmalgamationStudent
 from torch import nn
@@ -317,7 +318,7 @@ def test_teacher_trains_under_amp(tmp_path, mode):
 def test_amp_off_training_step_equals_a_plain_fp32_step(tmp_path):
     """The amp plumbing (autocast "off", float_outputs, no scaler) changes nothing in a
     float32 step: same weights as criterion(model(x)) -> backward -> clip -> AdamW step."""
-    from ka_rs.engine.train import build_optimizer
+    from ka_rs.engine.loop import build_optimizer
     from ka_rs.losses import build_criterion
 
     cfg = tiny_config(tmp_path, "train.amp=off")
@@ -368,7 +369,7 @@ def test_fp16_resume_restores_the_scaler_and_is_exact(tmp_path):
 
 def test_fused_optimizer_setting(monkeypatch):
     from ka_rs.engine.config import OptimConfig
-    from ka_rs.engine.train import build_optimizer
+    from ka_rs.engine.loop import build_optimizer
 
     model = build_model("anchor_tiny", 3, **TINY_MODEL)
     assert OptimConfig().fused == "off"  # the default reproduces earlier runs bit for bit
@@ -420,7 +421,7 @@ def overfit_teacher(tmp_path_factory) -> tuple[nn.Module, Any, list[str]]:
         loop.fit()
     finally:
         torch.set_num_threads(threads)
-    from ka_rs.engine.train import build_datasets
+    from ka_rs.engine.datasets import build_datasets
 
     _, val_ds, classes = build_datasets(cfg.data)
     return loop.model, make_eval_loader(val_ds, 8), classes

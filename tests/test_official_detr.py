@@ -558,7 +558,9 @@ def test_other_architectures_are_refused(tmp_path, bodies):
     sd = official_state(bodies["resnet18"])
     sd["transformer.encoder.layers.1.linear1.weight"] = torch.zeros(FFN + 1, D)
     path = save(tmp_path / "misshaped.pth", sd, None)
-    assert "misshaped.pth" in refused(f"detr-c5:{path}", r"encoder.layers.1.linear1.weight has shape")
+    assert "misshaped.pth" in refused(
+        f"detr-c5:{path}", r"encoder.layers.1.linear1.weight has shape"
+    )
     sd = official_state(bodies["resnet18"]) | {"extra_head.weight": torch.zeros(3)}
     path = save(tmp_path / "extra.pth", sd, None)
     assert "extra.pth" in refused(f"detr-c5:{path}", r"keys no DETR has: \['extra_head.weight'\]")

@@ -17,7 +17,8 @@ from ka_rs.engine.checkpoint import NonFiniteError, load_checkpoint, load_detect
 from ka_rs.engine.config import Config, ConfigError, OptimConfig, TrainConfig, load_config
 from ka_rs.engine.distributed import ResumableDistributedSampler, SeededDataset
 from ka_rs.engine.logging import read_metrics
-from ka_rs.engine.train import TrainLoop, build_optimizer, train_teacher
+from ka_rs.engine.loop import TrainLoop, build_optimizer
+from ka_rs.engine.train import train_teacher
 from ka_rs.models import build_model
 from torch import nn
 

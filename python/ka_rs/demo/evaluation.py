@@ -32,7 +32,7 @@ __all__ = [
 
 def eval_dataset(cfg: DemoConfig) -> Any:
     """The held-out shapes images of ``demo.eval_split`` (all classes, eval transforms)."""
-    from ka_rs.engine.train import build_datasets
+    from ka_rs.engine.datasets import build_datasets
 
     data = copy.deepcopy(cfg.teacher.data)
     data.split, data.teacher, data.classes = "", "", []

@@ -6,7 +6,7 @@ source of :mod:`ka_rs.teachers`), builds the student
 :class:`~ka_rs.amalgamation.AmalgamationStep` (the loss of one step, which a user's own loop
 can call the same way), optionally caches the teachers' outputs
 (:class:`~ka_rs.engine.teacher_cache.TeacherCache`), and hands the step to the engine's
-:class:`~ka_rs.engine.train.TrainLoop` (optimiser, schedule, budgets, progress, JSON-lines
+:class:`~ka_rs.engine.loop.TrainLoop` (optimiser, schedule, budgets, progress, JSON-lines
 metrics, atomic checkpoints, ``--resume``, torchrun/DDP). The configuration is
 :class:`~ka_rs.engine.amalgamate_config.AmalgamateConfig`; the method is in docs/method.md.
 
@@ -195,7 +195,7 @@ def _run(
     from ka_rs.engine.distributed import unwrap_model
     from ka_rs.engine.evaluate import evaluate, make_eval_loader
     from ka_rs.engine.logging import get_logger
-    from ka_rs.engine.train import TrainLoop, build_optimizer
+    from ka_rs.engine.loop import TrainLoop, build_optimizer
 
     log = get_logger("ka_rs.amalgamate")
     amg = config.amalgamation
@@ -345,7 +345,7 @@ def _datasets(
 ) -> tuple[Any, Any]:
     """The student's training and validation data; classes = the teachers' union."""
     from ka_rs.data import ClassSubset
-    from ka_rs.engine.train import build_datasets
+    from ka_rs.engine.datasets import build_datasets
 
     data = config.data
     if not data.image_size:

@@ -8,7 +8,7 @@
   the attention itself (q·kᵀ, softmax, ·v), which :mod:`ka_rs.models.transformer` always runs
   in float32. No loss scaling is needed (bf16 has float32's exponent range).
 * ``"fp16"``: as ``"bf16"`` with float16, plus a :class:`torch.amp.GradScaler` (created by
-  :func:`make_grad_scaler`, owned by :class:`~ka_rs.engine.train.TrainLoop`) so that small
+  :func:`make_grad_scaler`, owned by :class:`~ka_rs.engine.loop.TrainLoop`) so that small
   gradients do not underflow.
 
 Losses are always computed in float32: wrap only the forward in :func:`autocast` and pass its

@@ -158,10 +158,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from ka_rs.data import DatasetError
     from ka_rs.engine.config import Config, DataConfig, apply_overrides, load_config
+    from ka_rs.engine.datasets import build_datasets, preset_hints
     from ka_rs.engine.distributed import cleanup_distributed, init_distributed
     from ka_rs.engine.evaluate import evaluate, make_eval_loader, results_table
     from ka_rs.engine.logging import atomic_write_text
-    from ka_rs.engine.train import build_datasets, preset_hints
     from ka_rs.teachers import load_teacher
 
     teacher = load_teacher(args.checkpoint, classes=_classes_arg(args.classes))
