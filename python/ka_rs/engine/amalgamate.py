@@ -191,13 +191,58 @@ def _run(
     keep_model: bool,
 ) -> AmalgamationResult:
     """The body of :func:`amalgamate` once teachers and the process group are ready."""
-    from ka_rs.amalgamation import AmalgamationStep, build_amalgamation_student
     from ka_rs.engine.distributed import unwrap_model
-    from ka_rs.engine.evaluate import evaluate, make_eval_loader
-    from ka_rs.engine.logging import get_logger
-    from ka_rs.engine.loop import TrainLoop, build_optimizer
+    from ka_rs.engine.logging import atomic_write_text, get_logger
 
     log = get_logger("ka_rs.amalgamate")
+    student, step = _student_and_step(config, teachers, info)
+    union = list(step.label_space.names)
+    train_ds, val_ds = _datasets(config, teachers, union)
+    cache = _teacher_cache(config, step, train_ds, info, log)
+    if cache is not None:
+        train_ds = cache.dataset
+    loop, last = _make_loop(config, student, step, cache, train_ds, val_ds, info)
+    if resume:
+        _resume(loop, step, loop.checkpoint_path if resume is True else Path(resume), info)
+    if info.is_main:
+        log.info(
+            "amalgamating %d teachers (%s) into a %s student over %d classes; losses: %s; %s; %s",
+            len(teachers),
+            ", ".join(f"{t.name}: {len(t.classes)} cls" for t in teachers),
+            "compact" if student.layout == "compact" else f"{step.num_slots}-slot",
+            len(union),
+            _losses_text(config.amalgamation),
+            step.coverage(),
+            config.amalgamation.mode,
+        )
+    result = loop.fit()
+    if info.is_main and "result" in last:
+        atomic_write_text(loop.output_dir / "eval.json", last["result"].to_json())
+    net = unwrap_model(loop.model)
+    net.eval()
+    return AmalgamationResult(
+        output_dir=loop.output_dir,
+        checkpoint=result.checkpoint,
+        final_eval=dict(result.final_eval),
+        eval_result=last.get("result"),
+        stopped_by=result.stopped_by,
+        step=result.state.step,
+        train_minutes=result.state.train_minutes,
+        class_names=union,
+        teachers=[t.name for t in teachers],
+        subsets={t.name: list(t.classes) for t in teachers},
+        sa_coverage=step.coverage(),
+        model=net if keep_model else None,
+        hint=step.hint_loss if keep_model else None,
+    )
+
+
+def _student_and_step(
+    config: AmalgamateConfig, teachers: list[Teacher], info: Any
+) -> tuple[Any, Any]:
+    """The student (on the run's device) and the :class:`AmalgamationStep` that trains it."""
+    from ka_rs.amalgamation import AmalgamationStep, build_amalgamation_student
+
     amg = config.amalgamation
     student = build_amalgamation_student(
         teachers,
@@ -212,45 +257,56 @@ def _run(
         student.config,
         amp=config.train.amp,
         **{k: getattr(amg, k) for k in _STEP_OPTIONS},
-    ).to(info.device)
+    )
+    return student.to(info.device), step.to(info.device)
+
+
+def _make_loop(
+    config: AmalgamateConfig,
+    student: Any,
+    step: Any,
+    cache: Any,
+    train_ds: Any,
+    val_ds: Any,
+    info: Any,
+) -> tuple[Any, dict[str, Any]]:
+    """The engine's TrainLoop running ``step`` on ``student``; ``last["result"]`` will hold
+    the latest full evaluation."""
+    from ka_rs.engine.evaluate import evaluate, make_eval_loader
+    from ka_rs.engine.loop import TrainLoop, build_optimizer
+
+    amg = config.amalgamation
     union = list(step.label_space.names)
-    subsets = {t.name: list(t.classes) for t in teachers}
-    train_ds, val_ds = _datasets(config, teachers, union)
-    student.to(info.device)
+    subsets = {t.name: list(t.classes) for t in step.teacher_list}
     optimizer = build_optimizer(student, config.optim)
     hint_params = list(step.trainable_parameters())
-    if hint_params:
+    if hint_params:  # the aggregation baseline's fusion trains with the student
         optimizer.add_param_group({"params": hint_params, "lr": config.optim.lr, "name": "hint"})
         _average_grads_across_ranks(hint_params)
-    cache = _teacher_cache(config, step, train_ds, info, log)
-    if cache is not None:
-        train_ds = cache.dataset
-    loop_ref: dict[str, Any] = {}
-
-    def loss_fn(
-        net: nn.Module, images: torch.Tensor, mask: torch.Tensor, targets: list[dict[str, Any]]
-    ) -> Any:
-        loop = loop_ref["loop"]
-        w_amg = 1.0
-        if amg.mode == "label_assisted":
-            w_amg = max(0.0, 1.0 - loop.state.epoch / loop_ref["epochs"])
-        cached = cache.outputs(targets, images.device) if cache is not None else None
-        return step(net, images, mask, targets, teacher_outputs=cached, amalgamation_weight=w_amg)
-
     eval_bs = config.train.eval_batch_size or 2 * config.train.batch_size
     val_loader = make_eval_loader(val_ds, eval_bs, config.train.num_workers, info)
     val_loader.generator = torch.Generator().manual_seed(config.train.seed)
     last: dict[str, Any] = {}
+    epochs: list[int] = []  # the run's epochs, known once the loop is built
 
-    def evaluate_fn(loop: TrainLoop) -> dict[str, float]:
+    def loss_fn(
+        net: nn.Module, images: torch.Tensor, mask: torch.Tensor, targets: list[dict[str, Any]]
+    ) -> Any:
+        w_amg = 1.0
+        if amg.mode == "label_assisted":  # the paper's 1 - e/E decay
+            w_amg = max(0.0, 1.0 - loop.state.epoch / epochs[0])
+        cached = cache.outputs(targets, images.device) if cache is not None else None
+        return step(net, images, mask, targets, teacher_outputs=cached, amalgamation_weight=w_amg)
+
+    def evaluate_fn(running: TrainLoop) -> dict[str, float]:
         res = evaluate(
-            loop.model, val_loader, union, subsets, device=info.device, amp=config.train.amp
+            running.model, val_loader, union, subsets, device=info.device, amp=config.train.amp
         )
         last["result"] = res
         return res.metrics
 
     def extra() -> dict[str, Any]:
-        meta: dict[str, Any] = {"student": _student_meta(teachers, student, step)}
+        meta: dict[str, Any] = {"student": _student_meta(step.teacher_list, student, step)}
         if step.hint_loss is not None:
             meta["hint"] = {k: v.detach().cpu() for k, v in step.hint_loss.state_dict().items()}
         return meta
@@ -270,43 +326,8 @@ def _run(
         extra_checkpoint=extra,
         find_unused_parameters=not amg.ta,
     )
-    loop_ref["loop"] = loop
-    loop_ref["epochs"] = _effective_epochs(config.train, loop.batches_per_epoch)
-    if resume:
-        _resume(loop, step, loop.checkpoint_path if resume is True else Path(resume), info)
-    if info.is_main:
-        log.info(
-            "amalgamating %d teachers (%s) into a %s student over %d classes; losses: %s; %s; %s",
-            len(teachers),
-            ", ".join(f"{t.name}: {len(t.classes)} cls" for t in teachers),
-            "compact" if student.layout == "compact" else f"{step.num_slots}-slot",
-            len(union),
-            _losses_text(amg),
-            step.coverage(),
-            amg.mode,
-        )
-    result = loop.fit()
-    if info.is_main and "result" in last:
-        from ka_rs.engine.logging import atomic_write_text
-
-        atomic_write_text(loop.output_dir / "eval.json", last["result"].to_json())
-    net = unwrap_model(loop.model)
-    net.eval()
-    return AmalgamationResult(
-        output_dir=loop.output_dir,
-        checkpoint=result.checkpoint,
-        final_eval=dict(result.final_eval),
-        eval_result=last.get("result"),
-        stopped_by=result.stopped_by,
-        step=result.state.step,
-        train_minutes=result.state.train_minutes,
-        class_names=union,
-        teachers=[t.name for t in teachers],
-        subsets=subsets,
-        sa_coverage=step.coverage(),
-        model=net if keep_model else None,
-        hint=step.hint_loss if keep_model else None,
-    )
+    epochs.append(_effective_epochs(config.train, loop.batches_per_epoch))
+    return loop, last
 
 
 #: AmalgamationConfig fields that are AmalgamationStep options
