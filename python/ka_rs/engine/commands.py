@@ -153,19 +153,65 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     """
     import json
 
-    import torch
     from rich.console import Console
 
     from ka_rs.data import DatasetError
-    from ka_rs.engine.config import Config, DataConfig, apply_overrides, load_config
-    from ka_rs.engine.datasets import build_datasets, preset_hints
     from ka_rs.engine.distributed import cleanup_distributed, init_distributed
-    from ka_rs.engine.evaluate import evaluate, make_eval_loader, results_table
+    from ka_rs.engine.evaluate import evaluate, results_table
     from ka_rs.engine.logging import atomic_write_text
     from ka_rs.teachers import load_teacher
 
     teacher = load_teacher(args.checkpoint, classes=_classes_arg(args.classes))
-    stored = teacher.run_config
+    cfg = _evaluation_config(args, teacher.run_config)
+    info = init_distributed(cfg.train.device)
+    try:
+        loader, skipped = _evaluation_loader(args, cfg, teacher.image_size, info)
+        classes = [c for c in teacher.class_names if c is not None]
+        subsets = _parse_subsets(args.subsets, classes)
+        for spec in args.subset:
+            name, _, names = spec.partition("=")
+            if not names:
+                raise ValueError(f"--subset {spec!r}: expected NAME=class,class,...")
+            subsets[name] = [c.strip() for c in names.split(",") if c.strip()]
+        result = evaluate(
+            teacher.to(info.device),
+            loader,
+            teacher.class_names,
+            subsets,
+            device=info.device,
+            class_head=teacher.head,
+            progress=not args.no_progress,
+        )
+    except DatasetError as exc:
+        if cfg.data.skip_invalid:
+            raise
+        hint = "--skip-invalid leaves invalid images and annotations out"
+        raise DatasetError(exc.file, exc.item, f"{exc.problem} ({hint})") from exc
+    finally:
+        cleanup_distributed()
+    if info.is_main:
+        record = result.to_dict()
+        if skipped is not None:
+            record["skipped"] = skipped
+        text = json.dumps(record, indent=2)
+        if args.json == "-":
+            print(text)
+        else:
+            Console().print(results_table(result, title=f"{args.checkpoint}"))
+            if args.json:
+                atomic_write_text(args.json, text)
+    return 0
+
+
+def _evaluation_config(args: argparse.Namespace, stored: dict[str, Any]) -> Any:
+    """The run config ``ka-rs evaluate`` uses: ``--config``, else the one a ka_rs checkpoint
+    stores (a student's: its data/train sections), else the defaults; then the flags.
+
+    The detector's classes are scored on the data's full label set (matched by name), so any
+    class subset of the config is dropped.
+    """
+    from ka_rs.engine.config import Config, apply_overrides, load_config
+
     if args.config:
         cfg = load_config(args.config)
     else:
@@ -198,66 +244,42 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.skip_invalid:
         overrides.append("data.skip_invalid=true")
     cfg = apply_overrides(cfg, overrides) if overrides else cfg
-    # score the model's classes on the full label set (categories matched by name)
-    data: DataConfig = cfg.data
-    data.classes, data.split, data.teacher = [], "", ""
-    info = init_distributed(cfg.train.device)
+    cfg.data.classes, cfg.data.split, cfg.data.teacher = [], "", ""
+    return cfg
+
+
+def _evaluation_loader(
+    args: argparse.Namespace, cfg: Any, image_size: int, info: Any
+) -> tuple[Any, dict[str, int] | None]:
+    """The evaluation DataLoader (this rank's shard) and, with ``--skip-invalid``, the counts
+    of what was left out."""
+    import torch
+
+    from ka_rs.engine.datasets import build_datasets, preset_hints
+    from ka_rs.engine.evaluate import make_eval_loader
+
+    data = cfg.data
+    size = image_size or int(preset_hints(cfg.model.preset).get("image_size", 128))
+    _, val_ds, _ = build_datasets(data, image_size=size, train=False)
     skipped: dict[str, int] | None = None
-    try:
-        size = teacher.image_size or int(preset_hints(cfg.model.preset).get("image_size", 128))
-        _, val_ds, _ = build_datasets(data, image_size=size, train=False)
-        if data.skip_invalid and data.source != "shapes":
-            val_ds, skipped = _without_invalid_images(val_ds)
-            if not skipped["scored_images"]:
-                raise ValueError(
-                    f"--skip-invalid: all {skipped['images']} image(s) of the evaluation data "
-                    "are invalid; nothing to evaluate"
-                )
-            if info.is_main:
-                print(
-                    f"ka-rs evaluate: skipped {skipped['images']} invalid image(s) and "
-                    f"{skipped['annotations']} invalid annotation(s); scoring "
-                    f"{skipped['scored_images']} image(s)",
-                    file=sys.stderr,
-                )
-        bs = args.batch_size or cfg.train.eval_batch_size or 2 * cfg.train.batch_size
-        loader = make_eval_loader(val_ds, bs, args.num_workers, info)
-        loader.generator = torch.Generator().manual_seed(0)
-        classes = [c for c in teacher.class_names if c is not None]
-        subsets = _parse_subsets(args.subsets, classes)
-        for spec in args.subset:
-            name, _, names = spec.partition("=")
-            if not names:
-                raise ValueError(f"--subset {spec!r}: expected NAME=class,class,...")
-            subsets[name] = [c.strip() for c in names.split(",") if c.strip()]
-        result = evaluate(
-            teacher.to(info.device),
-            loader,
-            teacher.class_names,
-            subsets,
-            device=info.device,
-            class_head=teacher.head,
-            progress=not args.no_progress,
-        )
-    except DatasetError as exc:
-        if data.skip_invalid:
-            raise
-        hint = "--skip-invalid leaves invalid images and annotations out"
-        raise DatasetError(exc.file, exc.item, f"{exc.problem} ({hint})") from exc
-    finally:
-        cleanup_distributed()
-    if info.is_main:
-        record = result.to_dict()
-        if skipped is not None:
-            record["skipped"] = skipped
-        text = json.dumps(record, indent=2)
-        if args.json == "-":
-            print(text)
-        else:
-            Console().print(results_table(result, title=f"{args.checkpoint}"))
-            if args.json:
-                atomic_write_text(args.json, text)
-    return 0
+    if data.skip_invalid and data.source != "shapes":
+        val_ds, skipped = _without_invalid_images(val_ds)
+        if not skipped["scored_images"]:
+            raise ValueError(
+                f"--skip-invalid: all {skipped['images']} image(s) of the evaluation data "
+                "are invalid; nothing to evaluate"
+            )
+        if info.is_main:
+            print(
+                f"ka-rs evaluate: skipped {skipped['images']} invalid image(s) and "
+                f"{skipped['annotations']} invalid annotation(s); scoring "
+                f"{skipped['scored_images']} image(s)",
+                file=sys.stderr,
+            )
+    bs = args.batch_size or cfg.train.eval_batch_size or 2 * cfg.train.batch_size
+    loader = make_eval_loader(val_ds, bs, args.num_workers, info)
+    loader.generator = torch.Generator().manual_seed(0)
+    return loader, skipped
 
 
 def _without_invalid_images(dataset: Any) -> tuple[Any, dict[str, int]]:

@@ -175,6 +175,23 @@ def is_tty() -> bool:
         return False
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A stream handler that writes to whatever ``sys.stderr`` is when a record is emitted
+    (not the stream of the moment it was created, which a caller or a test harness may have
+    replaced and closed since)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:  # set by StreamHandler.__init__; always stderr
+        pass
+
+
 def setup_logging(rank: int = 0, level: int = logging.INFO) -> logging.Logger:
     """Configure the ``ka_rs`` logger once: rich handler on a TTY, plain otherwise.
 
@@ -191,7 +208,7 @@ def setup_logging(rank: int = 0, level: int = logging.INFO) -> logging.Logger:
         handler = RichHandler(show_path=False, rich_tracebacks=False, markup=False)
         handler.setFormatter(logging.Formatter("%(message)s", datefmt="[%X]"))
     else:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         prefix = f"[rank {rank}] " if rank else ""
         handler.setFormatter(
             logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(message)s", "%H:%M:%S")
