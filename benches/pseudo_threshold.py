@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     specs = dict(t.split("=", 1) for t in args.teacher)
     teachers = load_teachers(specs)
-    if any(t.kind != "sigmoid" for t in teachers):
+    if any(t.head != "sigmoid" for t in teachers):
         p.error("--teacher: this sweep is written for sigmoid (focal) teachers")
     cfg = load_demo_config(None)
     cfg.demo.eval_split, cfg.demo.num_eval_images = "val", args.num_images

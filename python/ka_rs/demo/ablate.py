@@ -129,16 +129,7 @@ def run_ablation(
         labels = [(f"{VARIANTS[n][0]}, seed {s}", scfg) for n, s, scfg in todo]
         infos = train_and_evaluate_many(labels, cfg, progress=progress, say=say, console=console)
         for (name, seed, scfg), info in zip(todo, infos, strict=True):
-            write_student_cache(
-                cache,
-                scfg,
-                runs,
-                cfg.demo,
-                evaluation=info["eval"],
-                run_dir=info["run_dir"],
-                steps=info["steps"],
-                train_minutes=info["train_minutes"],
-            )
+            write_student_cache(cache, scfg, runs, cfg.demo, info)
             done[(name, seed)] = _seed_record(seed, "trained", info)
     rows = [_variant_row(n, [done[(n, s)] for s in seeds]) for n in names]
     load["end"] = load_average()

@@ -82,7 +82,7 @@ class TeacherEnsemble(nn.Module):
 
     def __init__(self, teachers: Sequence[Teacher], union: Sequence[str]) -> None:
         super().__init__()
-        kinds = {t.kind for t in teachers}
+        kinds = {t.head for t in teachers}
         if len(kinds) != 1:
             raise ValueError("teachers: the ensemble reference needs one head kind")
         self.kind = kinds.pop()
@@ -136,7 +136,7 @@ def evaluate_demo(
     teacher_evals = evaluate_teachers(teachers, test_ds)
     student_eval = evaluate_on_test(student, test_ds, union, subsets)
     ensemble_eval = None
-    if len({t.kind for t in teachers}) == 1:
+    if len({t.head for t in teachers}) == 1:
         ens = TeacherEnsemble(teachers, union)
         ensemble_eval = evaluate_on_test(ens, test_ds, union, subsets, class_head=teachers[0].head)
     return DemoEvaluation(teacher_evals, student_eval, ensemble_eval)

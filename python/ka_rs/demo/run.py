@@ -210,15 +210,11 @@ def _write_run(
 ) -> None:
     """The (first seed's) student cache entry (for ``ka-rs ablate``), ``results.json`` and
     ``report.md``."""
-    write_student_cache(
-        cache,
-        scfg,
-        runs,
-        cfg.demo,
-        evaluation=evaluation.student.to_dict(),
-        run_dir=student.output_dir,
-        steps=student.step,
-        train_minutes=student.train_minutes,
-        processes=student.processes,
-    )
+    record = {
+        "eval": evaluation.student.to_dict(),
+        "run_dir": student.output_dir,
+        "steps": student.step,
+        "train_minutes": student.train_minutes,
+    }
+    write_student_cache(cache, scfg, runs, cfg.demo, record, processes=student.processes)
     write_report(out, results, cfg)

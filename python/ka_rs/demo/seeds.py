@@ -95,16 +95,7 @@ def train_extra_seeds(
         labels = [(f"student seed {seed}", s_cfg) for seed, s_cfg in todo]
         infos = train_and_evaluate_many(labels, cfg, progress=progress, say=say, console=console)
         for (seed, s_cfg), info in zip(todo, infos, strict=True):
-            write_student_cache(
-                cache,
-                s_cfg,
-                runs,
-                cfg.demo,
-                evaluation=info["eval"],
-                run_dir=info["run_dir"],
-                steps=info["steps"],
-                train_minutes=info["train_minutes"],
-            )
+            write_student_cache(cache, s_cfg, runs, cfg.demo, info)
             records[seed] = seed_record(
                 seed,
                 "trained",

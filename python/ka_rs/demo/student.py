@@ -308,24 +308,26 @@ def write_student_cache(
     scfg: AmalgamateConfig,
     runs: Sequence[TeacherRun],
     demo: DemoSettings,
+    record: Mapping[str, Any],
     *,
-    evaluation: Mapping[str, Any],
-    run_dir: str | Path,
-    steps: int,
-    train_minutes: float,
     processes: int = 1,
 ) -> None:
-    """Remember a student's evaluation (``ka-rs ablate`` reuses the demo's SA + TA runs)."""
+    """Remember a student's evaluation (``ka-rs ablate`` reuses the demo's SA + TA runs).
+
+    ``record`` holds the run's ``eval`` (an evaluation dict), ``run_dir``, ``steps`` and
+    ``train_minutes`` — what :func:`read_student_cache` returns and what a trained run's
+    summary already is; other keys are not stored.
+    """
     key = student_key(scfg, runs, demo, processes)
     d = cache / "students" / key
     d.mkdir(parents=True, exist_ok=True)
     (d / "result.json").write_text(
         json.dumps(
             {
-                "eval": dict(evaluation),
-                "run_dir": str(run_dir),
-                "steps": steps,
-                "train_minutes": train_minutes,
+                "eval": dict(record["eval"]),
+                "run_dir": str(record["run_dir"]),
+                "steps": record["steps"],
+                "train_minutes": record["train_minutes"],
             },
             indent=2,
         )

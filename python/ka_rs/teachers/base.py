@@ -109,11 +109,6 @@ class Teacher(nn.Module):
         """True when the teacher yields encoder sequences for SA (it is a ka_rs DETR)."""
         return self.detr_config is not None
 
-    @property
-    def kind(self) -> str:
-        """Alias of :attr:`head` (the name :func:`ka_rs.build_pseudo_targets` uses)."""
-        return self.head
-
     def describe(self) -> dict[str, Any]:
         """JSON-friendly record of the teacher (for run folders and checkpoints)."""
         return {
