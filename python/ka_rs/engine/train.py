@@ -1,15 +1,9 @@
 """Teacher training (``ka-rs train-teacher``): a DETR, its set criterion and COCO evaluation
 plugged into the engine's :class:`~ka_rs.engine.loop.TrainLoop`.
 
-Run folder (``train.output_dir``)::
-
-    config.toml          the exact config (rerun with --config)
-    metrics.jsonl        {"type": "train", step, epoch, loss, loss_*, lr, lr_backbone, grad_norm,
-                          img_per_s, train_minutes, wall_minutes}  every log_every_steps steps
-                         {"type": "eval", step, epoch, train_minutes, AP, AP50, AP75, ...}
-    checkpoint.pt        latest checkpoint (atomic; --resume continues from it)
-    eval.json            final evaluation (COCO AP per subset and per class)
-    curves.png           AP50 / AP vs training minutes, loss vs step
+The run folder is the loop's (``config.toml``, ``metrics.jsonl``, ``checkpoint.pt``,
+``curves.png``: see :mod:`ka_rs.engine.loop`) plus ``eval.json``, the final evaluation (COCO AP
+per subset and per class), written here.
 """
 
 from __future__ import annotations
