@@ -74,9 +74,9 @@ def images_and_mask(batch: int = 2, size: int = 32) -> tuple[torch.Tensor, torch
 
 def test_config_amp_and_fused_are_validated(tmp_path):
     assert Config().train.amp == "off"
-    for mode in ("off", "bf16", "fp16"):
+    for mode in ("off", "auto", "bf16", "fp16"):
         assert tiny_config(tmp_path, f"train.amp={mode}").train.amp == mode
-    with pytest.raises(ConfigError, match=r"train\.amp.*'off', 'bf16', 'fp16'.*'fp32'"):
+    with pytest.raises(ConfigError, match=r"train\.amp.*'off', 'auto', 'bf16', 'fp16'.*'fp32'"):
         tiny_config(tmp_path, "train.amp=fp32")
     with pytest.raises(ConfigError, match=r"optim\.fused.*'auto', 'on', 'off'"):
         tiny_config(tmp_path, "optim.fused=yes")
@@ -99,6 +99,37 @@ def test_validate_and_autocast_contexts():
     assert amp.make_grad_scaler("bf16", "cpu") is None
     scaler = amp.make_grad_scaler("fp16", "cpu")
     assert isinstance(scaler, torch.amp.GradScaler) and scaler.is_enabled()
+
+
+def test_auto_is_bf16_only_where_bf16_is_native(monkeypatch):
+    monkeypatch.setattr(amp, "_cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
+    assert amp.resolve_amp("auto", "cpu") == "bf16"
+    with amp.autocast("auto", "cpu"):
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16
+    assert amp.make_grad_scaler("auto", "cpu") is None
+    # a cache key names the precision the run really had
+    assert amp.amp_for_cache_key("auto", "cpu") == "bf16"
+    monkeypatch.setattr(amp, "_cpu_flags", lambda: frozenset({"sse2", "avx2", "avx512f"}))
+    assert amp.resolve_amp("auto", "cpu") == "off"
+    with amp.autocast("auto", "cpu"):
+        assert not torch.is_autocast_enabled("cpu")
+    assert amp.amp_for_cache_key("auto", "cpu") == "off"
+    monkeypatch.setattr(amp, "_cpu_flags", lambda: None)  # not Linux: never guess bf16
+    assert amp.resolve_amp("auto", "cpu") == "off"
+    for mode in ("off", "bf16", "fp16"):
+        assert amp.resolve_amp(mode, "cpu") == mode == amp.amp_for_cache_key(mode, "auto")
+    with pytest.raises(ValueError, match=r"train\.amp.*'auto'"):
+        amp.resolve_amp("AUTO", "cpu")
+
+
+def test_loop_resolves_auto_and_says_so(tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="ka_rs.train")
+    for flags, expected in ((frozenset({"avx512_bf16"}), "bf16"), (frozenset({"avx2"}), "off")):
+        monkeypatch.setattr(amp, "_cpu_flags", lambda flags=flags: flags)
+        cfg = tiny_config(tmp_path / expected, "train.amp=auto")
+        loop = build_teacher_loop(cfg, DistInfo())
+        assert loop.amp == expected
+        assert f"train.amp='auto' -> {expected!r}" in caplog.text
 
 
 def test_check_amp_refuses_devices_autocast_cannot_run(monkeypatch):

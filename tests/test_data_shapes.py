@@ -242,3 +242,37 @@ def test_export_shapes_rejects_bad_arguments(tmp_path):
         export_shapes(tmp_path, splits=("val",), num_images=1, image_format="bmp")
     with pytest.raises(ValueError, match="splits"):
         export_shapes(tmp_path, splits=("dev",), num_images=1)
+
+
+def test_kept_images_are_the_drawn_ones_and_never_change():
+    from ka_rs.data.transforms import make_transforms
+
+    kept = ShapesDataset("train", 6, image_size=48, seed=3)
+    drawn = ShapesDataset("train", 6, image_size=48, seed=3, memo_bytes=0)
+    for _ in range(2):  # the second pass reads the kept samples
+        for i in range(6):
+            (ka, ta), (kb, tb) = kept.load(i), drawn.load(i)
+            assert np.array_equal(np.asarray(ka), np.asarray(kb))
+            for key in ("boxes", "labels", "area"):
+                assert torch.equal(ta[key], tb[key])
+            # editing what load returned must not reach the kept sample
+            ka.paste((0, 0, 0), (0, 0, 48, 48))
+            ta["boxes"].zero_()
+    assert len(kept._memo) == 6 and not drawn._memo
+    assert kept.load(-1)[1]["image_id"] == 6 and len(kept._memo) == 6
+    # the budget bounds what is kept (two 48 px images' worth of pixels)
+    small = ShapesDataset("train", 6, image_size=48, seed=3, memo_bytes=2 * 3 * 48 * 48)
+    for i in range(6):
+        small.load(i)
+    assert len(small._memo) == 2
+    # with the training transforms (flip, resize, jitter) items stay those of a fresh dataset
+    tf = make_transforms("train", image_size=48, max_size=80)
+    a = ShapesDataset("train", 4, image_size=48, seed=3, transforms=tf)
+    b = ShapesDataset("train", 4, image_size=48, seed=3, transforms=tf, memo_bytes=0)
+    for _ in range(2):
+        for i in range(4):
+            torch.manual_seed(i)
+            xa, ya = a[i]
+            torch.manual_seed(i)
+            xb, yb = b[i]
+            assert torch.equal(xa, xb) and torch.equal(ya["boxes"], yb["boxes"])

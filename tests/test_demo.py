@@ -183,15 +183,21 @@ def test_quick_ablation_on_the_validation_split(quick_demo, tmp_path):
     cache, _, _ = quick_demo
     out = tmp_path / "abl-val"
     args = ["ablate", "--quick", "--threads", "1", "--cache-dir", str(cache), "--output", str(out)]
-    args += ["--no-progress", "--seeds", "1", "--variants", "sa_ta", "--eval-split", "val"]
-    assert main(args) == 0
+    args += ["--no-progress", "--seeds", "1", "--eval-split", "val"]
+    assert main([*args, "--variants", "sa_ta,sa_ta_compact"]) == 0
     res = json.loads((out / "ablation.json").read_text())
     assert res["eval"]["split"] == "val" and res["seeds"] == [42]
     # the demo's cached seed-42 student was evaluated on test images: not reused for val
     assert res["rows"][0]["per_seed"][0]["source"] == "trained"
-    assert res["differences"] == []
+    # the compact student trains (its own folder, one teacher's token count) and is compared
+    compact = res["rows"][1]
+    assert compact["variant"] == "sa_ta_compact" and compact["per_seed"][0]["steps"] == 6
+    cfg = (out / "sa_ta_compact" / "seed-42" / "config.toml").read_text()
+    assert 'student_layout = "compact"' in cfg
+    assert [(d["a"], d["b"]) for d in res["differences"]] == [("sa_ta_compact", "sa_ta")]
     md = (out / "ablation.md").read_text()
     assert "`val` images (validation split" in md and "**1 student seed**" in md
+    assert "compact − N-slot student (SA + TA)" in md
 
 
 def test_student_cache_keys_differ_per_seed_and_evaluation_split(tmp_path):

@@ -9,6 +9,8 @@ and trains students with the demo's student config, changing only the losses:
 ``aggregation_ta`` the prior-KA "aggregation" hint (one-slot student, learnt N·d→d fusion,
                    projection trained) + TA
 ``sa_ta_cross``    SA + TA with cross-slot attention in the encoder
+``sa_ta_compact``  SA + TA, compact student (``student_layout = "compact"``: one teacher's
+                   token count, SA through per-teacher linear views; an extension)
 =================  ===========================================================================
 
 **Seeds.** Each variant trains one student per seed (``demo.ablate_seeds`` / ``--seeds``,
@@ -17,7 +19,7 @@ the same seeds for every variant, into ``<run>/<variant>/seed-<seed>/``. Each st
 evaluated on ``demo.eval_split`` (``test`` by default; ``val`` to choose settings on: AP, AP50,
 AP75 on the union and on each teacher's classes). A row reports the mean ± sample sd over the
 seeds; :data:`COMPARISONS` are the per-seed paired differences (SA + TA − TA only,
-aggregation + TA − TA only, cross − no-cross) with their mean and 95 % t-interval
+aggregation + TA − TA only, cross − no-cross, compact − N-slot) with their mean and 95 % t-interval
 (:func:`~ka_rs.demo.stats.paired_difference`).
 
 A (variant, seed) whose exact config was already trained and evaluated on the same images
@@ -80,6 +82,14 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
             "amalgamation.cross_slot_attention=true",
         ),
     ),
+    "sa_ta_compact": (
+        "SA + TA, compact student",
+        (
+            "amalgamation.sa=true",
+            "amalgamation.aggregation=false",
+            "amalgamation.student_layout=compact",
+        ),
+    ),
 }
 
 #: Paired comparisons ``(a, b, description)``: per seed ``a − b``, when both variants ran.
@@ -87,6 +97,7 @@ COMPARISONS: tuple[tuple[str, str, str], ...] = (
     ("sa_ta", "ta", "SA + TA − TA only"),
     ("aggregation_ta", "ta", "aggregation + TA − TA only"),
     ("sa_ta_cross", "sa_ta", "cross − no-cross (SA + TA)"),
+    ("sa_ta_compact", "sa_ta", "compact − N-slot student (SA + TA)"),
 )
 
 _METRICS = ("AP", "AP50", "AP75")

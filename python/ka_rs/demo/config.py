@@ -118,6 +118,7 @@ DEMO_DEFAULTS: dict[str, Any] = {
             "lr_backbone": 1e-3,
             "lr_drop": [1050],
             "lr_drop_unit": "step",
+            "fused": "auto",
         },
         "train": {
             "batch_size": 16,
@@ -128,6 +129,7 @@ DEMO_DEFAULTS: dict[str, Any] = {
             "checkpoint_every_steps": 400,
             "log_every_steps": 25,
             "seed": 42,
+            "amp": "auto",
         },
     },
     "student": {
@@ -146,6 +148,7 @@ DEMO_DEFAULTS: dict[str, Any] = {
             "lr_backbone": 1e-3,
             "lr_drop": [1050],
             "lr_drop_unit": "step",
+            "fused": "auto",
         },
         "train": {
             "batch_size": 16,
@@ -156,6 +159,7 @@ DEMO_DEFAULTS: dict[str, Any] = {
             "checkpoint_every_steps": 400,
             "log_every_steps": 25,
             "seed": 42,
+            "amp": "auto",
         },
     },
 }

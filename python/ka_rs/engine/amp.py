@@ -3,6 +3,9 @@
 ``train.amp`` is one of :data:`AMP_MODES`:
 
 * ``"off"``: everything in float32 (the default; bit-identical to a run without this module).
+* ``"auto"``: ``"bf16"`` where the device runs bf16 natively (a CPU whose /proc/cpuinfo lists
+  ``avx512_bf16`` / ``amx_bf16`` / Arm ``bf16``; a CUDA GPU with bf16 support), else ``"off"``
+  (:func:`resolve_amp`). The demo's default: fast where bf16 is native, never emulated.
 * ``"bf16"``: the **model forward** runs under :func:`torch.autocast` with bfloat16 (convolutions,
   linear layers and the Transformer's projections and feed-forward blocks in bf16), except
   the attention itself (q·kᵀ, softmax, ·v), which :mod:`ka_rs.models.transformer` always runs
@@ -47,19 +50,21 @@ from ka_rs.engine.logging import get_logger
 __all__ = [
     "AMP_DTYPES",
     "AMP_MODES",
+    "amp_for_cache_key",
     "autocast",
     "check_amp",
     "cpu_has_native_bf16",
     "cpu_has_native_fp16",
     "float_outputs",
     "make_grad_scaler",
+    "resolve_amp",
     "validate_amp",
 ]
 
 log = get_logger("ka_rs.amp")
 
 #: accepted values of ``train.amp``
-AMP_MODES = ("off", "bf16", "fp16")
+AMP_MODES = ("off", "auto", "bf16", "fp16")
 #: the autocast dtype of each low-precision mode
 AMP_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -77,6 +82,21 @@ def validate_amp(amp: str, key: str = "train.amp") -> str:
 
 def _device_type(device: torch.device | str) -> str:
     return torch.device(device).type
+
+
+def resolve_amp(amp: str, device: torch.device | str) -> str:
+    """The mode ``amp`` stands for on ``device``: ``"auto"`` becomes ``"bf16"`` where bf16 is
+    native there (CPU: :func:`cpu_has_native_bf16` is True; CUDA: a GPU with bf16 support), else
+    ``"off"``; every other mode is returned as it is (after :func:`validate_amp`)."""
+    validate_amp(amp)
+    if amp != "auto":
+        return amp
+    dev = _device_type(device)
+    if dev == "cpu":
+        return "bf16" if cpu_has_native_bf16() else "off"
+    if dev == "cuda" and torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "off"
+    return "off"
 
 
 @functools.lru_cache(maxsize=1)
@@ -112,6 +132,16 @@ def cpu_has_native_fp16() -> bool | None:
     return bool(flags & {"avx512_fp16", "amx_fp16", "fphp", "asimdhp"})
 
 
+def amp_for_cache_key(amp: str, device: str) -> str:
+    """The mode a run with ``train.amp = amp`` and ``train.device = device`` (``"auto"``, ``"cpu"``,
+    ``"cuda"``...) really trains in, for result-cache keys: ``"auto"`` resolved on that device,
+    so that a cached ``"auto"`` run is reused only where it meant the same precision."""
+    if amp != "auto":
+        return amp
+    dev = "cuda" if device == "auto" and torch.cuda.is_available() else device
+    return resolve_amp(amp, "cpu" if dev == "auto" else dev)
+
+
 def check_amp(amp: str, device: torch.device | str) -> None:
     """Check that torch's autocast can run ``amp`` on ``device`` (once per mode and device type).
 
@@ -125,7 +155,7 @@ def check_amp(amp: str, device: torch.device | str) -> None:
     float32 (fp16 on a CPU with native bf16 but no fp16 measured 12x slower than float32 for a
     teacher step, docs/performance.md).
     """
-    validate_amp(amp)
+    amp = resolve_amp(amp, device)
     if amp == "off":
         return
     dev = _device_type(device)
@@ -175,10 +205,11 @@ def autocast(amp: str, device: torch.device | str) -> contextlib.AbstractContext
     """Context manager for a model **forward** under ``amp`` on ``device``.
 
     ``"off"``: a no-op (nothing changes, float32 stays bit-identical). ``"bf16"`` /
-    ``"fp16"``: :func:`torch.autocast` with that dtype, after :func:`check_amp`. Compute
-    losses outside it, on :func:`float_outputs` of the forward's result.
+    ``"fp16"``: :func:`torch.autocast` with that dtype, after :func:`check_amp`. ``"auto"``:
+    whichever of those :func:`resolve_amp` picks for ``device``. Compute losses outside it, on
+    :func:`float_outputs` of the forward's result.
     """
-    validate_amp(amp)
+    amp = resolve_amp(amp, device)
     if amp == "off":
         return contextlib.nullcontext()
     check_amp(amp, device)
@@ -220,8 +251,8 @@ def float_outputs(out: Any) -> Any:
 
 def make_grad_scaler(amp: str, device: torch.device | str) -> torch.amp.GradScaler | None:
     """A :class:`torch.amp.GradScaler` for ``"fp16"`` on ``device``; None for ``"off"`` and
-    ``"bf16"`` (which need no loss scaling)."""
-    validate_amp(amp)
+    ``"bf16"`` (which need no loss scaling), and for ``"auto"`` (never fp16)."""
+    amp = resolve_amp(amp, device)
     if amp != "fp16":
         return None
     check_amp(amp, device)

@@ -155,7 +155,8 @@ class TrainConfig:
     jobs, 1 thread (or ``OMP_WAIT_POLICY=PASSIVE``) avoids OpenMP spin-wait slowdowns.
     ``amp`` is the mixed-precision mode of training and evaluation (:mod:`ka_rs.engine.amp`):
     ``"off"`` (float32), ``"bf16"`` (model forwards under bfloat16 autocast, attention and
-    losses in float32) or ``"fp16"`` (float16 autocast plus loss scaling).
+    losses in float32), ``"fp16"`` (float16 autocast plus loss scaling) or ``"auto"``
+    (``"bf16"`` where the device has native bf16, else ``"off"``).
     """
 
     batch_size: int = 16
@@ -457,7 +458,7 @@ _CHOICES = {
     ("optim", "lr_drop_unit"): ("epoch", "step", "minute"),
     ("optim", "fused"): ("auto", "on", "off"),
     # = ka_rs.engine.amp.AMP_MODES (kept literal: loading a config does not import torch)
-    ("train", "amp"): ("off", "bf16", "fp16"),
+    ("train", "amp"): ("off", "auto", "bf16", "fp16"),
 }
 
 

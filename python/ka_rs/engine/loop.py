@@ -55,7 +55,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ka_rs.engine.amp import check_amp, make_grad_scaler, validate_amp
+from ka_rs.engine.amp import check_amp, make_grad_scaler, resolve_amp
 from ka_rs.engine.checkpoint import (
     CheckpointError,
     NonFiniteError,
@@ -282,7 +282,10 @@ class TrainLoop:
         self.extra_checkpoint = extra_checkpoint
         self.output_dir = Path(train.output_dir)
         self.checkpoint_path = self.output_dir / CHECKPOINT_NAME
-        self.amp = validate_amp(train.amp)
+        #: the mode ``train.amp`` stands for on this device (``"auto"`` resolved)
+        self.amp = resolve_amp(train.amp, self.info.device)
+        if train.amp == "auto":
+            log.info("train.amp='auto' -> %r on %s", self.amp, self.info.device)
         check_amp(self.amp, self.info.device)
         #: the fp16 loss scaler (None unless ``train.amp == "fp16"``)
         self.scaler = make_grad_scaler(self.amp, self.info.device)
