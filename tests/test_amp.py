@@ -108,16 +108,16 @@ def test_auto_is_bf16_only_where_bf16_is_native(monkeypatch):
         assert torch.get_autocast_dtype("cpu") == torch.bfloat16
     assert amp.make_grad_scaler("auto", "cpu") is None
     # a cache key names the precision the run really had
-    assert amp.amp_for_cache_key("auto", "cpu") == "bf16"
+    assert amp.effective_amp("auto", "cpu") == "bf16"
     monkeypatch.setattr(amp, "_cpu_flags", lambda: frozenset({"sse2", "avx2", "avx512f"}))
     assert amp.resolve_amp("auto", "cpu") == "off"
     with amp.autocast("auto", "cpu"):
         assert not torch.is_autocast_enabled("cpu")
-    assert amp.amp_for_cache_key("auto", "cpu") == "off"
+    assert amp.effective_amp("auto", "cpu") == "off"
     monkeypatch.setattr(amp, "_cpu_flags", lambda: None)  # not Linux: never guess bf16
     assert amp.resolve_amp("auto", "cpu") == "off"
     for mode in ("off", "bf16", "fp16"):
-        assert amp.resolve_amp(mode, "cpu") == mode == amp.amp_for_cache_key(mode, "auto")
+        assert amp.resolve_amp(mode, "cpu") == mode == amp.effective_amp(mode, "auto")
     with pytest.raises(ValueError, match=r"train\.amp.*'auto'"):
         amp.resolve_amp("AUTO", "cpu")
 

@@ -73,6 +73,17 @@ def test_quick_demo_writes_the_run_folder(quick_demo):
     assert "## Results (`test` split, 1 student seed)" in report
     assert "one student seed (42)" in report and "`shapes-halves` split" in report
     assert "The teachers' classes are disjoint." in report
+    # the machine and the precision each role really trained in (demo default amp = "auto")
+    from ka_rs.engine.amp import cpu_has_native_bf16
+
+    mode = "bf16" if cpu_has_native_bf16() else "off"
+    assert res["precision"] == {
+        role: {"amp": mode, "fused_adamw": "auto"} for role in ("teachers", "student")
+    }
+    assert res["machine"]["native_bf16"] == cpu_has_native_bf16()
+    shown = "bf16 forwards" if mode == "bf16" else "float32"
+    assert f"teachers {shown} + fused AdamW, student {shown} + fused AdamW." in report
+    assert "another machine gives other digits" in report
 
 
 def test_second_demo_reuses_the_cached_teachers(quick_demo, tmp_path):

@@ -31,6 +31,7 @@ from ka_rs.demo.evaluation import DemoEvaluation
 from ka_rs.demo.jobs import resolve_workers
 from ka_rs.demo.student import StudentRun
 from ka_rs.demo.teachers import TeacherRun
+from ka_rs.engine.amp import cpu_has_native_bf16, effective_amp
 from ka_rs.teachers import Teacher
 
 if TYPE_CHECKING:
@@ -108,9 +109,18 @@ def build_results(
         "load_average": dict(load),
         "machine": {
             "cpus": os.cpu_count(),
+            "cpu_model": _cpu_model(),
+            "native_bf16": cpu_has_native_bf16(),
             "torch_threads": torch.get_num_threads(),
             "platform": platform.platform(),
             "torch": torch.__version__,
+        },
+        "precision": {
+            role: {
+                "amp": effective_amp(c.train.amp, c.train.device),
+                "fused_adamw": c.optim.fused,
+            }
+            for role, c in (("teachers", cfg.teacher), ("student", cfg.student))
         },
         "figures": dict(figures),
         "config": cfg.to_dict(),
@@ -363,8 +373,13 @@ def _report_results(results: Mapping[str, Any]) -> list[str]:
         "# ka-rs demo report",
         "",
         f"ka_rs {results['ka_rs_version']}, torch {machine['torch']}, "
-        f"{machine['cpus']} CPUs ({machine['torch_threads']} torch threads)"
-        f", {machine['platform']}.",
+        f"{machine['cpus']} CPUs"
+        + (f" ({machine['cpu_model']})" if machine.get("cpu_model") else "")
+        + f", {machine['torch_threads']} torch threads, {machine['platform']}"
+        + _precision_sentence(results)
+        + " Figures depend on the machine, the torch build, the precision and the seeds (the "
+        "teachers' AP most of all): another machine gives other digits; compare the "
+        "student/teacher ratios.",
         "",
         f"{_teachers_sentence(results)} A student was then trained from "
         f"the frozen teachers **{results['mode'].replace('_', '-')}** "
@@ -500,6 +515,35 @@ def _report_figures(results: Mapping[str, Any]) -> list[str]:
         if key in results["figures"]:
             lines += [f"### {label}", "", f"![{label}]({results['figures'][key]})", ""]
     return lines
+
+
+def _cpu_model() -> str | None:
+    """The CPU's model name from /proc/cpuinfo (Linux), else :func:`platform.processor`."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            name, _, value = line.partition(":")
+            if name.strip() == "model name" and value.strip():
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def _precision_sentence(results: Mapping[str, Any]) -> str:
+    """``; teachers in bf16 ..., student in ...`` from ``results["precision"]`` (older
+    results without it: ``.``)."""
+    prec = results.get("precision")
+    if not prec:
+        return "."
+    names = {"off": "float32", "bf16": "bf16 forwards", "fp16": "fp16 forwards"}
+    parts = [
+        f"{role} {names.get(p['amp'], p['amp'])}"
+        + (" + fused AdamW" if p["fused_adamw"] != "off" else "")
+        for role, p in prec.items()
+    ]
+    native = results["machine"].get("native_bf16")
+    cpu = {True: "native bf16", False: "no native bf16"}.get(native, "")
+    return f" ({cpu}); " + ", ".join(parts) + "." if cpu else "; " + ", ".join(parts) + "."
 
 
 def _report_levers(cfg: DemoConfig) -> list[str]:

@@ -33,12 +33,12 @@ from ka_rs.demo.config import DemoConfig, DemoSettings, _demo_from_dict
 from ka_rs.demo.jobs import Job, resolve_workers, run_jobs, worker_setup
 from ka_rs.demo.teachers import TeacherRun
 from ka_rs.engine.amalgamate import amalgamate
-from ka_rs.engine.amp import amp_for_cache_key
 from ka_rs.engine.amalgamate_config import (
     AmalgamateConfig,
     apply_amalgamate_overrides,
     config_hash,
 )
+from ka_rs.engine.amp import effective_amp
 from ka_rs.teachers import Teacher
 
 __all__ = [
@@ -290,7 +290,7 @@ def student_key(
     than one process), the teachers' keys and the evaluation set (split and image count)."""
     d = cfg.to_dict()
     d.pop("teachers", None)
-    d["train"]["amp"] = amp_for_cache_key(d["train"]["amp"], d["train"]["device"])
+    d["train"]["amp"] = effective_amp(d["train"]["amp"], d["train"]["device"])
     for section in ("train",):
         for k in ("output_dir", "progress", "plot", "device", "num_workers", "log_every_steps"):
             d[section].pop(k, None)

@@ -26,7 +26,7 @@ from ka_rs import __version__
 from ka_rs.demo.config import DemoConfig
 from ka_rs.demo.jobs import Job, resolve_workers, run_jobs, worker_setup
 from ka_rs.engine.amalgamate_config import config_hash
-from ka_rs.engine.amp import amp_for_cache_key
+from ka_rs.engine.amp import effective_amp
 from ka_rs.engine.config import Config
 
 __all__ = ["TeacherRun", "default_cache_dir", "ensure_teachers", "teacher_key"]
@@ -55,7 +55,7 @@ def teacher_key(cfg: DemoConfig, name: str) -> str:
     """Cache key of teacher ``name``: hash of its training config (``train.amp = "auto"`` as the
     mode it means on this machine) and the ka_rs version."""
     tcfg = cfg.teacher_config(name, "-").to_dict()
-    tcfg["train"]["amp"] = amp_for_cache_key(tcfg["train"]["amp"], tcfg["train"]["device"])
+    tcfg["train"]["amp"] = effective_amp(tcfg["train"]["amp"], tcfg["train"]["device"])
     kept = {
         s: {k: v for k, v in sec.items() if f"{s}.{k}" not in _IGNORED_FOR_CACHE}
         for s, sec in tcfg.items()

@@ -50,11 +50,11 @@ from ka_rs.engine.logging import get_logger
 __all__ = [
     "AMP_DTYPES",
     "AMP_MODES",
-    "amp_for_cache_key",
     "autocast",
     "check_amp",
     "cpu_has_native_bf16",
     "cpu_has_native_fp16",
+    "effective_amp",
     "float_outputs",
     "make_grad_scaler",
     "resolve_amp",
@@ -132,10 +132,11 @@ def cpu_has_native_fp16() -> bool | None:
     return bool(flags & {"avx512_fp16", "amx_fp16", "fphp", "asimdhp"})
 
 
-def amp_for_cache_key(amp: str, device: str) -> str:
-    """The mode a run with ``train.amp = amp`` and ``train.device = device`` (``"auto"``, ``"cpu"``,
-    ``"cuda"``...) really trains in, for result-cache keys: ``"auto"`` resolved on that device,
-    so that a cached ``"auto"`` run is reused only where it meant the same precision."""
+def effective_amp(amp: str, device: str) -> str:
+    """The mode a run with ``train.amp = amp`` and ``train.device = device`` (``"auto"``,
+    ``"cpu"``, ``"cuda"``...) trains in on this machine: ``"auto"`` resolved (:func:`resolve_amp`)
+    on the device ``device`` names. Result caches key on it, so that a cached ``"auto"`` run is
+    reused only where it meant the same precision; reports print it."""
     if amp != "auto":
         return amp
     dev = "cuda" if device == "auto" and torch.cuda.is_available() else device
