@@ -21,7 +21,8 @@ padding. Rounds are interleaved (every variant once per round, in rotating order
 changes hit all variants alike; after ``--warmup`` untimed rounds each round times one forward
 per variant. Printed per batch size: parameters (all, and those inference uses: the compact
 student's SA heads only run in training), the median time per batch, images per second from
-it, the ratio of medians to ``slots_masked`` and the median of the per-round ratios; the load
+it, forward GFLOP per image (torch's ``FlopCounterMode``: matmuls, convolutions, attention),
+the ratio of medians to ``slots_masked`` and the median of the per-round ratios; the load
 average before and after. The machine may be shared: quote the load with the figures.
 
     python benches/bench_student_encoder.py --preset anchor_tiny --image-size 96 \\
@@ -73,16 +74,19 @@ def _inference_params(module: nn.Module) -> int:
 
 
 def build_variants(
-    preset: str, teachers: int, classes: int, seed: int = 0
+    preset: str, teachers: int, classes: int, seed: int = 0, student_queries: int = 0
 ) -> tuple[dict[str, list[nn.Module]], dict[str, AmalgamationStudent]]:
-    """``{variant: [models it runs]}`` and ``{variant: student}`` for the student variants."""
+    """``{variant: [models it runs]}`` and ``{variant: student}`` for the student variants
+    (``student_queries`` > 0: the students' query count, e.g. the demo's 60)."""
     torch.manual_seed(seed)
     t_models = [build_model(preset, classes).eval() for _ in range(teachers)]
     cfgs = [preset_config(preset, classes) for _ in range(teachers)]
-    masked = build_student(cfgs, teachers * classes, slot_encoder="masked").eval()
-    per_slot = build_student(cfgs, teachers * classes, slot_encoder="per_slot").eval()
+    extra: dict[str, Any] = {"num_queries": student_queries} if student_queries > 0 else {}
+    n = teachers * classes
+    masked = build_student(cfgs, n, slot_encoder="masked", **extra).eval()
+    per_slot = build_student(cfgs, n, slot_encoder="per_slot", **extra).eval()
     per_slot.load_state_dict(masked.state_dict())
-    compact = build_student(cfgs, teachers * classes, layout="compact").eval()
+    compact = build_student(cfgs, n, layout="compact", **extra).eval()
     students = {"slots_masked": masked, "slots_per_slot": per_slot, "compact": compact}
     models: dict[str, list[nn.Module]] = {
         "teacher": t_models[:1],
@@ -113,6 +117,16 @@ def _encoder_fn(student: AmalgamationStudent, images: torch.Tensor) -> Callable[
     return run
 
 
+def _gflop_per_image(fn: Callable[[], Any], batch: int) -> float:
+    """Forward GFLOP per image by torch's FlopCounterMode (matmuls, convolutions, attention;
+    a multiply-add counts as 2 FLOPs; element-wise ops, softmax and norms are not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / batch / 1e9
+
+
 def measure(
     fns: dict[str, Callable[[], Any]], rounds: int, warmup: int
 ) -> tuple[dict[str, list[float]], list[str]]:
@@ -139,6 +153,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--batch", type=int, nargs="+", default=[16, 1])
     ap.add_argument("--teachers", type=int, default=2)
     ap.add_argument("--classes", type=int, default=4, help="classes per teacher")
+    ap.add_argument(
+        "--student-queries", type=int, default=0, help="students' queries (0: the teachers')"
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=2)
@@ -149,17 +166,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if BASELINE not in args.variants:
         args.variants = [BASELINE, *args.variants]
     torch.set_num_threads(args.threads)
-    models, students = build_variants(args.preset, args.teachers, args.classes)
+    models, students = build_variants(
+        args.preset, args.teachers, args.classes, student_queries=args.student_queries
+    )
     load_before = os.getloadavg()
     print(
         f"preset {args.preset}, {args.teachers} teachers x {args.classes} classes, "
+        f"student queries {args.student_queries or 'as the teachers'}, "
         f"{args.image_size} px, {args.threads} threads, {args.rounds} rounds "
         f"(+{args.warmup} warm-up), torch {torch.__version__}, {_cpu_name()}; "
         f"load average {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}"
     )
     results: dict[str, Any] = {"args": vars(args), "load_before": load_before, "rows": []}
     header = (
-        f"{'variant':<26}{'params':>9}{'infer.':>9}{'batch':>6}{'ms/batch':>10}"
+        f"{'variant':<26}{'params':>9}{'infer.':>9}{'GFLOP/img':>10}{'batch':>6}{'ms/batch':>10}"
         f"{'img/s':>9}{'x masked':>10}{'med. ratio':>11}"
     )
     for batch in args.batch:
@@ -182,11 +202,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             mods = models[name.removeprefix("encoder:")]
             params = sum(_params(m) for m in mods)
             infer = sum(_inference_params(m) for m in mods)
+            gflop = _gflop_per_image(fns[name], batch)
             row = {
                 "variant": name,
                 "batch": batch,
                 "params": params,
                 "inference_params": infer,
+                "gflop_per_image": gflop,
                 "median_s": med,
                 "img_per_s": batch / med,
                 "ratio_of_medians": med / base_med,
@@ -194,7 +216,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             }
             results["rows"].append(row)
             print(
-                f"{name:<26}{params / 1e6:>8.2f}M{infer / 1e6:>8.2f}M{batch:>6}"
+                f"{name:<26}{params / 1e6:>8.2f}M{infer / 1e6:>8.2f}M{gflop:>10.3f}{batch:>6}"
                 f"{med * 1e3:>10.1f}{batch / med:>9.1f}{med / base_med:>10.2f}{per_round:>11.2f}"
             )
     load_after = os.getloadavg()
