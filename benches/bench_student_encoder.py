@@ -21,7 +21,7 @@ padding. Rounds are interleaved (every variant once per round, in rotating order
 changes hit all variants alike; after ``--warmup`` untimed rounds each round times one forward
 per variant. Printed per batch size: parameters (all, and those inference uses: the compact
 student's SA heads only run in training), the median time per batch, images per second from
-it, forward GFLOP per image (torch's ``FlopCounterMode``: matmuls, convolutions, attention),
+it, forward GFLOP per image (torch's FLOP formulas: matmuls, convolutions, attention),
 the ratio of medians to ``slots_masked`` and the median of the per-round ratios; the load
 average before and after. The machine may be shared: quote the load with the figures.
 
@@ -47,6 +47,9 @@ from ka_rs.models import build_model
 from ka_rs.models.presets import preset_config
 from ka_rs.models.student import AmalgamationStudent, build_student
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
+from torch.utils.flop_counter import flop_registry
 
 VARIANTS = ("teacher", "teachers_side_by_side", "slots_masked", "slots_per_slot", "compact")
 BASELINE = "slots_masked"
@@ -117,14 +120,36 @@ def _encoder_fn(student: AmalgamationStudent, images: torch.Tensor) -> Callable[
     return run
 
 
-def _gflop_per_image(fn: Callable[[], Any], batch: int) -> float:
-    """Forward GFLOP per image by torch's FlopCounterMode (matmuls, convolutions, attention;
-    a multiply-add counts as 2 FLOPs; element-wise ops, softmax and norms are not counted)."""
-    from torch.utils.flop_counter import FlopCounterMode
+class _FlopCount(TorchDispatchMode):
+    """Sums torch's FLOP formulas (``torch.utils.flop_counter.flop_registry``: matmuls,
+    convolutions, attention) over every op run inside it. FlopCounterMode itself is not used:
+    its per-module tracker needs autograd graph nodes that a no-grad forward does not have."""
 
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+
+            def shape(x: Any) -> Any:
+                return x.shape if isinstance(x, torch.Tensor) else x
+
+            self.total += formula(
+                *tree_map(shape, args), **tree_map(shape, kwargs), out_val=tree_map(shape, out)
+            )
+        return out
+
+
+def _gflop_per_image(fn: Callable[[], Any], batch: int) -> float:
+    """Forward GFLOP per image by torch's FLOP formulas (a multiply-add counts as 2 FLOPs;
+    element-wise ops, softmax and norms are not counted)."""
+    with torch.no_grad(), _FlopCount() as counter:
         fn()
-    return counter.get_total_flops() / batch / 1e9
+    return counter.total / batch / 1e9
 
 
 def measure(
