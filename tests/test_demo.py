@@ -67,6 +67,7 @@ def test_quick_demo_writes_the_run_folder(quick_demo):
     assert "label-free" in report and "![AP per class" in report and "Wall time" in report
     assert "Extension beyond the paper" in report  # the demo starts the student from teacher_b
     assert "{'num_queries': 60} for the student" in report
+    assert "Student layout: **compact** (an extension beyond the paper)" in report
     # one student seed by default; the report names the split and the seed count
     assert res["seeds"] == [42] and res["num_seeds"] == 1 and len(res["students"]) == 1
     assert res["per_teacher"]["teacher_a"]["student_sd"]["AP50"] is None
@@ -148,16 +149,27 @@ def test_quick_ablation_over_two_seeds_reuses_the_demo_student(quick_demo, tmp_p
     out = tmp_path / "abl"
     args = ["ablate", "--quick", "--threads", "1", "--cache-dir", str(cache), "--output", str(out)]
     assert (
-        main([*args, "--no-progress", "--seeds", "2", "--variants", "sa_ta,ta,aggregation_ta"]) == 0
+        main(
+            [
+                *args,
+                "--no-progress",
+                "--seeds",
+                "2",
+                "--variants",
+                "sa_ta_compact,ta,aggregation_ta",
+            ]
+        )
+        == 0
     )
     res = json.loads((out / "ablation.json").read_text())
     assert res["seeds"] == [42, 7] and res["num_seeds"] == 2
     assert res["eval"] == {"split": "test", "num_images": 16}
-    assert [r["variant"] for r in res["rows"]] == ["sa_ta", "ta", "aggregation_ta"]
+    assert [r["variant"] for r in res["rows"]] == ["sa_ta_compact", "ta", "aggregation_ta"]
     rows = {r["variant"]: r for r in res["rows"]}
-    # seed 42 of SA + TA is the demo's identical run; its seed 7 and the others are new
-    sa_ta = {r["seed"]: r for r in rows["sa_ta"]["per_seed"]}
-    assert sa_ta[42]["source"].startswith("reused") and sa_ta[7]["source"] == "trained"
+    # seed 42 of the compact SA + TA student is the demo's identical run; seed 7 and the
+    # others are new
+    compact = {r["seed"]: r for r in rows["sa_ta_compact"]["per_seed"]}
+    assert compact[42]["source"].startswith("reused") and compact[7]["source"] == "trained"
     for name in ("ta", "aggregation_ta"):
         assert [r["seed"] for r in rows[name]["per_seed"]] == [42, 7]
         for r in rows[name]["per_seed"]:  # trained side by side, each logging to its folder
@@ -174,16 +186,16 @@ def test_quick_ablation_over_two_seeds_reuses_the_demo_student(quick_demo, tmp_p
                 assert r["sd"][sub][m] == pytest.approx(abs(vals[0] - vals[1]) / 2**0.5)
     # the paired differences that both variants allow, per seed
     diffs = {(d["a"], d["b"]): d for d in res["differences"]}
-    assert set(diffs) == {("sa_ta", "ta"), ("aggregation_ta", "ta")}  # no cross-slot run
-    d = diffs[("sa_ta", "ta")]["subsets"]["all"]["AP50"]
-    a = [x["subsets"]["all"]["AP50"] for x in rows["sa_ta"]["per_seed"]]
+    assert set(diffs) == {("aggregation_ta", "ta")}  # no N-slot SA + TA, no cross-slot run
+    d = diffs[("aggregation_ta", "ta")]["subsets"]["all"]["AP50"]
+    a = [x["subsets"]["all"]["AP50"] for x in rows["aggregation_ta"]["per_seed"]]
     b = [x["subsets"]["all"]["AP50"] for x in rows["ta"]["per_seed"]]
     assert d["diffs"] == pytest.approx([a[0] - b[0], a[1] - b[1]]) and d["df"] == 1
     assert d["t"] == pytest.approx(12.7062, abs=1e-4) and len(d["ci"]) == 2
     md = (out / "ablation.md").read_text()
     assert "aggregation + TA" in md and "SA + TA" in md and "teacher_a AP50" in md
     assert "**2 student seeds**" in md and "(42, 7)" in md and "`test` split" in md
-    assert "SA + TA − TA only" in md and "95% t-interval" in md and "ablation.png" in md
+    assert "aggregation + TA − TA only" in md and "95% t-interval" in md and "ablation.png" in md
     assert (out / "ablation.png").stat().st_size > 1000
     printed = capsys.readouterr().out
     assert "aggregation + TA" in printed and "2 seed(s)" in printed
@@ -459,10 +471,14 @@ def test_demo_overrides(tmp_path):
         [
             "teacher.train.max_steps=7",
             "student.amalgamation.sa=false",
+            "student.amalgamation.student_layout=slots",
             "demo.num_eval_images=12",
         ],
     )
     assert cfg.teacher.train.max_steps == 7 and not cfg.student.amalgamation.sa
+    # the default compact student needs SA: the error says what to set instead
+    with pytest.raises(ConfigError, match="sa = false .*student_layout = 'slots'"):
+        load_demo_config(None, ["student.amalgamation.sa=false"])
     assert cfg.demo.num_eval_images == 12
     assert cfg.teacher_config("teacher_b", tmp_path).data.teacher == "teacher_b"
     quick = load_demo_config(None, quick=True)

@@ -1,16 +1,18 @@
 """``ka-rs ablate``: which amalgamation losses matter, on the demo's teachers and budget.
 
 Every variant starts from the same cached teachers (:func:`~ka_rs.demo.teachers.ensure_teachers`)
-and trains students with the demo's student config, changing only the losses:
+and trains students with the demo's student config, changing only the losses and the student's
+layout (each variant names it):
 
 =================  ===========================================================================
-``ta``             TA only (no sequence-level term)
-``sa_ta``          SA + TA (the demo's student; the paper's method)
+``ta``             TA only (no sequence-level term), N-slot student
+``sa_ta``          SA + TA, N-slot student (the paper's method)
 ``aggregation_ta`` the prior-KA "aggregation" hint (one-slot student, learnt N·d→d fusion,
                    projection trained) + TA
 ``sa_ta_cross``    SA + TA with cross-slot attention in the encoder
 ``sa_ta_compact``  SA + TA, compact student (``student_layout = "compact"``: one teacher's
-                   token count, SA through per-teacher linear views; an extension)
+                   token count, SA through per-teacher linear views; an extension; the
+                   demo's default student)
 =================  ===========================================================================
 
 **Seeds.** Each variant trains one student per seed (``demo.ablate_seeds`` / ``--seeds``,
@@ -66,13 +68,22 @@ __all__ = [
     "run_ablation",
 ]
 
+# every variant names its student layout, whatever the demo's default is
+_SLOTS = "amalgamation.student_layout=slots"
+
 #: variant name -> (description, student.amalgamation overrides)
 VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "ta": ("TA only", ("amalgamation.sa=false", "amalgamation.aggregation=false")),
-    "sa_ta": ("SA + TA", ("amalgamation.sa=true", "amalgamation.aggregation=false")),
+    "ta": (
+        "TA only",
+        ("amalgamation.sa=false", "amalgamation.aggregation=false", _SLOTS),
+    ),
+    "sa_ta": (
+        "SA + TA",
+        ("amalgamation.sa=true", "amalgamation.aggregation=false", _SLOTS),
+    ),
     "aggregation_ta": (
         "aggregation + TA",
-        ("amalgamation.sa=false", "amalgamation.aggregation=true"),
+        ("amalgamation.sa=false", "amalgamation.aggregation=true", _SLOTS),
     ),
     "sa_ta_cross": (
         "SA + TA, cross-slot attention",
@@ -80,6 +91,7 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
             "amalgamation.sa=true",
             "amalgamation.aggregation=false",
             "amalgamation.cross_slot_attention=true",
+            _SLOTS,
         ),
     ),
     "sa_ta_compact": (
@@ -87,6 +99,7 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
         (
             "amalgamation.sa=true",
             "amalgamation.aggregation=false",
+            "amalgamation.cross_slot_attention=false",
             "amalgamation.student_layout=compact",
         ),
     ),

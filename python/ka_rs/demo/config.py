@@ -9,8 +9,8 @@
   teachers (the demo trains its own).
 
 Overrides name their section: ``--set teacher.train.max_steps=800``,
-``--set student.amalgamation.sa=false``, ``--set demo.num_eval_images=200``. ``--quick`` applies
-:data:`QUICK_OVERRIDES` first: tiny budgets for a smoke test, no accuracy bar.
+``--set student.amalgamation.student_layout=slots``, ``--set demo.num_eval_images=200``.
+``--quick`` applies :data:`QUICK_OVERRIDES` first: tiny budgets for a smoke test, no accuracy bar.
 """
 
 from __future__ import annotations
@@ -140,6 +140,7 @@ DEMO_DEFAULTS: dict[str, Any] = {
             "threshold": 0.2,
             "init_from": "teacher_b",
             "student": {"num_queries": 60},
+            "student_layout": "compact",
             "cache_teachers": True,
         },
         "data": {"source": "shapes", "num_val_images": 200},

@@ -571,6 +571,15 @@ def _report_levers(cfg: DemoConfig) -> list[str]:
         f"{'on' if a.aggregation else 'off'}, cross-slot attention "
         f"{'on' if a.cross_slot_attention else 'off'}; pseudo-targets threshold {a.threshold}, "
         f"top-{a.top_n}, fill logit {a.fill_logit}, T = {a.temperature}.",
+        "- Student layout: "
+        + (
+            "**compact** (an extension beyond the paper): the encoder and decoder see one "
+            "teacher's token count, the teachers' input chunks merged by a learnt gate, SA "
+            "through per-teacher linear views used in training only; inference costs about "
+            'one teacher (`student_layout = "slots"` is the paper\'s N-slot student).'
+            if a.student_layout == "compact"
+            else "N-slot (the paper's): one token slot per SA teacher in the encoder."
+        ),
     ]
 
 

@@ -167,8 +167,8 @@ def _add_demo_arguments(p: argparse.ArgumentParser, seeds_help: str) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override, e.g. --set teacher.train.max_steps=800 --set student.amalgamation.sa=false "
-        "--set demo.num_eval_images=200",
+        help="override, e.g. --set teacher.train.max_steps=800 "
+        "--set student.amalgamation.student_layout=slots --set demo.num_eval_images=200",
     )
     p.add_argument(
         "--quick", action="store_true", help="smoke run with tiny budgets (no accuracy bar)"

@@ -242,7 +242,9 @@ class AmalgamateConfig:
             if clash:
                 raise ConfigError(
                     "amalgamation.student_layout: 'compact' trains its per-teacher views with SA "
-                    "and has no slots in its encoder; it does not combine with " + ", ".join(clash)
+                    "and has no slots in its encoder; it does not combine with "
+                    + ", ".join(clash)
+                    + " (set amalgamation.student_layout = 'slots' for the N-slot student)"
                 )
         if a.init_from and self.teachers and a.init_from not in self.teachers:
             raise ConfigError(
