@@ -43,6 +43,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from ka_rs.engine.amp import cpu_model_name
 from ka_rs.models import build_model
 from ka_rs.models.presets import preset_config
 from ka_rs.models.student import AmalgamationStudent, build_student
@@ -56,14 +57,7 @@ BASELINE = "slots_masked"
 
 
 def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpu_model_name() or platform.machine()
 
 
 def _params(module: nn.Module) -> int:

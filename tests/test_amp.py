@@ -132,6 +132,20 @@ def test_loop_resolves_auto_and_says_so(tmp_path, monkeypatch, caplog):
         assert f"train.amp='auto' -> {expected!r}" in caplog.text
 
 
+def test_cpuinfo_fields_give_flags_and_model_name(monkeypatch):
+    monkeypatch.setattr(
+        amp, "_cpuinfo", lambda: {"model name": "AMD EPYC", "flags": "avx2 avx512_bf16"}
+    )
+    assert amp._cpu_flags() == frozenset({"avx2", "avx512_bf16"})
+    assert amp.cpu_model_name() == "AMD EPYC" and amp.cpu_has_native_bf16() is True
+    monkeypatch.setattr(amp, "_cpuinfo", lambda: {"Features": "fp asimd bf16"})  # Arm
+    assert amp.cpu_has_native_bf16() is True
+    monkeypatch.setattr(amp, "_cpuinfo", lambda: None)  # not Linux
+    assert amp._cpu_flags() is None and amp.cpu_has_native_bf16() is None
+    monkeypatch.setattr(amp.platform, "processor", lambda: "")
+    assert amp.cpu_model_name() is None
+
+
 def test_check_amp_refuses_devices_autocast_cannot_run(monkeypatch):
     monkeypatch.setattr(torch.amp.autocast_mode, "is_autocast_available", lambda dev: False)
     with amp._reset_checks(), pytest.raises(ValueError, match="does not support device type"):

@@ -31,7 +31,7 @@ from ka_rs.demo.evaluation import DemoEvaluation
 from ka_rs.demo.jobs import resolve_workers
 from ka_rs.demo.student import StudentRun
 from ka_rs.demo.teachers import TeacherRun
-from ka_rs.engine.amp import cpu_has_native_bf16, effective_amp
+from ka_rs.engine.amp import cpu_has_native_bf16, cpu_model_name, effective_amp
 from ka_rs.teachers import Teacher
 
 if TYPE_CHECKING:
@@ -109,7 +109,7 @@ def build_results(
         "load_average": dict(load),
         "machine": {
             "cpus": os.cpu_count(),
-            "cpu_model": _cpu_model(),
+            "cpu_model": cpu_model_name(),
             "native_bf16": cpu_has_native_bf16(),
             "torch_threads": torch.get_num_threads(),
             "platform": platform.platform(),
@@ -517,18 +517,6 @@ def _report_figures(results: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def _cpu_model() -> str | None:
-    """The CPU's model name from /proc/cpuinfo (Linux), else :func:`platform.processor`."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
-            name, _, value = line.partition(":")
-            if name.strip() == "model name" and value.strip():
-                return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or None
-
-
 def _precision_sentence(results: Mapping[str, Any]) -> str:
     """``; teachers in bf16 ..., student in ...`` from ``results["precision"]`` (older
     results without it: ``.``)."""
@@ -542,8 +530,8 @@ def _precision_sentence(results: Mapping[str, Any]) -> str:
         for role, p in prec.items()
     ]
     native = results["machine"].get("native_bf16")
-    cpu = {True: "native bf16", False: "no native bf16"}.get(native, "")
-    return f" ({cpu}); " + ", ".join(parts) + "." if cpu else "; " + ", ".join(parts) + "."
+    cpu = {True: " (native bf16)", False: " (no native bf16)"}.get(native, "")
+    return f"{cpu}; {', '.join(parts)}."
 
 
 def _report_levers(cfg: DemoConfig) -> list[str]:

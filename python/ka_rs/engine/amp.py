@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import platform
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -45,6 +46,7 @@ from typing import Any
 
 import torch
 
+from ka_rs.engine.distributed import resolve_device
 from ka_rs.engine.logging import get_logger
 
 __all__ = [
@@ -54,6 +56,7 @@ __all__ = [
     "check_amp",
     "cpu_has_native_bf16",
     "cpu_has_native_fp16",
+    "cpu_model_name",
     "effective_amp",
     "float_outputs",
     "make_grad_scaler",
@@ -100,18 +103,33 @@ def resolve_amp(amp: str, device: torch.device | str) -> str:
 
 
 @functools.lru_cache(maxsize=1)
-def _cpu_flags() -> frozenset[str] | None:
-    """The CPU feature flags of /proc/cpuinfo (x86 ``flags``, Arm ``Features``), or None when
-    they cannot be read (not Linux)."""
+def _cpuinfo() -> dict[str, str] | None:
+    """The first value of every field of /proc/cpuinfo (``model name``, x86 ``flags``, Arm
+    ``Features``...), or None when it cannot be read (not Linux)."""
     try:
         text = Path("/proc/cpuinfo").read_text(errors="replace")
     except OSError:
         return None
+    fields: dict[str, str] = {}
     for line in text.splitlines():
-        name, _, value = line.partition(":")
-        if name.strip() in ("flags", "Features"):
-            return frozenset(value.split())
-    return None
+        name, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(name.strip(), value.strip())
+    return fields
+
+
+def _cpu_flags() -> frozenset[str] | None:
+    """The CPU feature flags of /proc/cpuinfo (x86 ``flags``, Arm ``Features``), or None when
+    they cannot be read (not Linux)."""
+    info = _cpuinfo()
+    flags = None if info is None else info.get("flags", info.get("Features"))
+    return None if flags is None else frozenset(flags.split())
+
+
+def cpu_model_name() -> str | None:
+    """This CPU's model name (/proc/cpuinfo ``model name``, else :func:`platform.processor`),
+    None when neither tells; for reports and benchmarks next to :func:`cpu_has_native_bf16`."""
+    return (_cpuinfo() or {}).get("model name") or platform.processor() or None
 
 
 def cpu_has_native_bf16() -> bool | None:
@@ -135,12 +153,13 @@ def cpu_has_native_fp16() -> bool | None:
 def effective_amp(amp: str, device: str) -> str:
     """The mode a run with ``train.amp = amp`` and ``train.device = device`` (``"auto"``,
     ``"cpu"``, ``"cuda"``...) trains in on this machine: ``"auto"`` resolved (:func:`resolve_amp`)
-    on the device ``device`` names. Result caches key on it, so that a cached ``"auto"`` run is
-    reused only where it meant the same precision; reports print it."""
+    on the device ``device`` names (:func:`~ka_rs.engine.distributed.resolve_device`, which
+    refuses ``"cuda"`` where there is none, as training would). Result caches key on it, so
+    that a cached ``"auto"`` run is reused only where it meant the same precision; reports
+    print it."""
     if amp != "auto":
         return amp
-    dev = "cuda" if device == "auto" and torch.cuda.is_available() else device
-    return resolve_amp(amp, "cpu" if dev == "auto" else dev)
+    return resolve_amp(amp, resolve_device(device))
 
 
 def check_amp(amp: str, device: torch.device | str) -> None:
